@@ -1,0 +1,62 @@
+"""Shared fixtures. The real local stack is started once per test session, one part at a time, on free
+loopback ports under a temporary home, so tests never touch a developer's running stack."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from services.core.settings import Settings
+from services.stack.process import ProcessManager, free_port
+
+
+@pytest.fixture(scope="session")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    home = tmp_path_factory.mktemp("flywheel-home")
+    return Settings(
+        home=home,
+        kafka_bootstrap=f"127.0.0.1:{free_port()}",
+        clickhouse_url=f"http://127.0.0.1:{free_port()}",
+        triton_http_url=f"127.0.0.1:{free_port()}",
+        triton_grpc_url=f"127.0.0.1:{free_port()}",
+        triton_metrics_port=free_port(),
+        teacher_url=f"http://127.0.0.1:{free_port()}/v1",
+    )
+
+
+@pytest.fixture(scope="session")
+def stack_manager(settings: Settings) -> Iterator[ProcessManager]:
+    manager = ProcessManager(settings.run_dir, settings.log_dir)
+    started: list[str] = []
+    manager.started = started  # type: ignore[attr-defined]
+    yield manager
+    for name in reversed(started):
+        manager.stop(name)
+
+
+def _start(manager: ProcessManager, component, settings: Settings):  # noqa: ANN001, ANN202
+    manager.start(component, settings.stack_start_timeout_s)
+    manager.started.append(component.name)  # type: ignore[attr-defined]
+    return component
+
+
+@pytest.fixture(scope="session")
+def broker(settings: Settings, stack_manager: ProcessManager):  # noqa: ANN201
+    from services.stack.broker import TansuBroker
+
+    return _start(stack_manager, TansuBroker.from_settings(settings), settings)
+
+
+@pytest.fixture(scope="session")
+def clickhouse(settings: Settings, stack_manager: ProcessManager):  # noqa: ANN201
+    from services.stack.clickhouse_endpoint import ClickHouseEndpoint
+
+    return _start(stack_manager, ClickHouseEndpoint.from_settings(settings), settings)
+
+
+@pytest.fixture(scope="session")
+def triton(settings: Settings, stack_manager: ProcessManager):  # noqa: ANN201
+    from services.stack.triton import TritonServer
+
+    return _start(stack_manager, TritonServer.from_settings(settings), settings)
