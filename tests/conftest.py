@@ -35,28 +35,28 @@ def stack_manager(settings: Settings) -> Iterator[ProcessManager]:
         manager.stop(name)
 
 
-def _start(manager: ProcessManager, component, settings: Settings):  # noqa: ANN001, ANN202
+def _start(manager: ProcessManager, component, settings: Settings):
     manager.start(component, settings.stack_start_timeout_s)
     manager.started.append(component.name)  # type: ignore[attr-defined]
     return component
 
 
 @pytest.fixture(scope="session")
-def broker(settings: Settings, stack_manager: ProcessManager):  # noqa: ANN201
+def broker(settings: Settings, stack_manager: ProcessManager):
     from services.stack.broker import TansuBroker
 
     return _start(stack_manager, TansuBroker.from_settings(settings), settings)
 
 
 @pytest.fixture(scope="session")
-def clickhouse(settings: Settings, stack_manager: ProcessManager):  # noqa: ANN201
+def clickhouse(settings: Settings, stack_manager: ProcessManager):
     from services.stack.clickhouse_endpoint import ClickHouseEndpoint
 
     return _start(stack_manager, ClickHouseEndpoint.from_settings(settings), settings)
 
 
 @pytest.fixture(scope="session")
-def triton(settings: Settings, stack_manager: ProcessManager):  # noqa: ANN201
+def triton(settings: Settings, stack_manager: ProcessManager):
     from services.stack.triton import TritonServer
 
     return _start(stack_manager, TritonServer.from_settings(settings), settings)
