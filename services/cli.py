@@ -116,7 +116,7 @@ def status() -> None:
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
     if fmt == "json":
-        return json.dumps([dict(zip(columns, r)) for r in rows], default=str, indent=2)
+        return json.dumps([dict(zip(columns, r, strict=True)) for r in rows], default=str, indent=2)
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter="," if fmt == "csv" else "\t", lineterminator="\n")
     writer.writerow(columns)
