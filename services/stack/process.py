@@ -46,7 +46,7 @@ class Component(ABC):
     def cwd(self) -> Path | None:
         return None
 
-    def prepare(self) -> None:
+    def prepare(self) -> None:  # noqa: B027 - optional hook
         """Check binaries and create directories; raise StackError naming what is missing."""
 
     @abstractmethod
@@ -56,7 +56,7 @@ class Component(ABC):
     def endpoints(self) -> dict[str, str]:
         return {}
 
-    def after_ready(self) -> None:
+    def after_ready(self) -> None:  # noqa: B027 - optional hook
         """One-off set-up once the part answers (create topics, apply migrations...)."""
 
 
