@@ -1,0 +1,118 @@
+"""A tiny Hugging Face causal LM, tokenizer and LoRA adapter built offline, for tests of serving and training.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained on a few strings with the ``tokenizers``
+library (byte-level like SmolLM2's, so every string round-trips and JSON/labels tokenise realistically),
+the model a randomly initialised Llama with hidden size 32 and two layers (a few hundred KB, milliseconds a
+token).
+Its answers are noise, but deterministic for a given seed, which is all a plumbing test needs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Tests must never reach the hub; set before transformers is imported anywhere through this module.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# A minimal chat template in the usual shape: role markers, an end marker, and the generation prompt.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+TRAINING_TEXT = [
+    '{"intent": "card_arrival", "tool": "track_card", "arguments": {}, "reply": "Your card is on its way."}',
+    '{"intent": "lost_or_stolen_card", "tool": "block_card", "arguments": {"card": "debit"}, "reply": "Ok"}',
+    '{"intent": "balance", "tool": "get_balance", "arguments": {}, "reply": "Here is your balance."}',
+    "When will my new card arrive? I lost my card yesterday. What is my balance?",
+    "You are a support agent. Answer with JSON: intent, tool, arguments, reply.",
+    "refund pending transfer exchange rate top up failed cash withdrawal declined",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 400):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with pad/eos/bos tokens and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TRAINING_TEXT * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        additional_special_tokens=SPECIAL_TOKENS[3:],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(path: Path, seed: int = 0, hidden_size: int = 32, layers: int = 2) -> Path:
+    """Save a tiny Llama causal LM and its tokenizer to ``path`` (``from_pretrained``-loadable); return it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = build_tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def build_tiny_lora_adapter(base_path: Path, path: Path, seed: int = 1, r: int = 4) -> Path:
+    """Save a LoRA adapter (q/k/v/o, like the design's) for the model at ``base_path`` and return ``path``.
+
+    The adapter's weights are random rather than peft's default zero-initialised B matrix, so a model with the
+    adapter answers differently from the base: that difference is how a test sees that the adapter was loaded.
+    """
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_path)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+        lora_dropout=0.0,
+        init_lora_weights=False,  # random A and B: a visible change
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(50.0)  # tiny r and hidden size: make the change big enough to flip greedy tokens
+    path = Path(path)
+    model.save_pretrained(path)
+    return path
