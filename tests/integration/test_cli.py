@@ -1,0 +1,155 @@
+"""The ``flywheel`` command line, run as a person runs it (a subprocess), against the session's stack."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from services.core.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def _flywheel() -> list[str]:
+    script = Path(sys.executable).parent / "flywheel"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "services.cli"]
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYWHEEL_")}
+    env.update(
+        FLYWHEEL_HOME=str(settings.home),
+        FLYWHEEL_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        FLYWHEEL_CLICKHOUSE_URL=settings.clickhouse_url,
+        FLYWHEEL_TRITON_HTTP_URL=settings.triton_http_url,
+        FLYWHEEL_TRITON_GRPC_URL=settings.triton_grpc_url,
+        FLYWHEEL_TRITON_METRICS_PORT=str(settings.triton_metrics_port),
+        COLUMNS="200",
+    )
+    env.update(extra)
+    return env
+
+
+def run(settings: Settings, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*_flywheel(), *args], env=_env(settings, **env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def stack(broker, clickhouse, triton):
+    return broker, clickhouse, triton
+
+
+def test_status_shows_each_part_and_the_broker_caveat(stack, settings: Settings) -> None:
+    out = run(settings, "status")
+    assert out.returncode == 0, out.stderr
+    for part in ("broker", "clickhouse", "triton"):
+        assert part in out.stdout
+    assert out.stdout.count("running") >= 3
+    assert (
+        "do not survive a broker restart" in out.stdout.replace("\n", " ").replace("│", " ") or "memory" in out.stdout
+    )
+
+
+def test_sql_table_csv_and_json(stack, settings: Settings) -> None:
+    query = "SELECT number AS n, toString(number * 2) AS s FROM system.numbers LIMIT 3"
+    table = run(settings, "sql", query)
+    assert table.returncode == 0, table.stderr
+    assert "3 rows" in table.stdout
+    csv_out = run(settings, "sql", query, "--format", "csv")
+    assert csv_out.stdout.strip().splitlines() == ["n,s", "0,0", "1,2", "2,4"]
+    rows = json.loads(run(settings, "sql", query, "--format", "json").stdout)
+    assert rows[2] == {"n": 2, "s": "4"}
+
+
+def test_sql_error_shows_clickhouse_text(stack, settings: Settings) -> None:
+    out = run(settings, "sql", "SELECT * FROM no_such_table")
+    assert out.returncode == 1
+    assert "no_such_table" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_migrations_applied_once(stack, settings: Settings) -> None:
+    out = run(settings, "sql", "SELECT name FROM schema_migrations ORDER BY version", "--format", "csv")
+    names = out.stdout.strip().splitlines()[1:]
+    assert names and len(names) == len(set(names))
+    assert len(names) == len(list(Path("infra/clickhouse").glob("[0-9]*.sql")))
+
+
+def test_smoke_round_trip(stack, settings: Settings) -> None:
+    out = run(settings, "smoke", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.count("✓") == 3
+
+
+def test_unreachable_clickhouse_is_named(settings: Settings) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = run(settings, "sql", "SELECT 1", FLYWHEEL_CLICKHOUSE_URL=f"http://127.0.0.1:{port}")
+    assert out.returncode == 1
+    assert f"127.0.0.1:{port}" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_setting_is_named(settings: Settings) -> None:
+    out = run(settings, "status", FLYWHEEL_KAFKA_BOOTSTRAP="not-a-host-port")
+    assert out.returncode == 1
+    assert "FLYWHEEL_KAFKA_BOOTSTRAP" in out.stderr
+
+
+def test_up_refuses_a_taken_port(tmp_path: Path, settings: Settings) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run(settings, "up", FLYWHEEL_HOME=str(tmp_path), FLYWHEEL_KAFKA_BOOTSTRAP=f"127.0.0.1:{port}")
+    assert out.returncode == 1
+    assert f"127.0.0.1:{port}" in out.stderr and "FLYWHEEL_KAFKA_BOOTSTRAP" in out.stderr
+
+
+def test_up_names_a_missing_binary(tmp_path: Path, settings: Settings) -> None:
+    from services.stack.process import free_port
+
+    out = run(
+        settings,
+        "up",
+        FLYWHEEL_HOME=str(tmp_path),
+        FLYWHEEL_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
+        FLYWHEEL_TANSU_BIN="/nonexistent/tansu",
+    )
+    assert out.returncode == 1
+    assert "/nonexistent/tansu" in out.stderr and "FLYWHEEL_TANSU_BIN" in out.stderr
+
+
+def test_up_status_down_cycle(tmp_path: Path, settings: Settings) -> None:
+    """A whole local stack of its own: up shows where each part listens, a second up adopts it, down stops it."""
+    from services.stack.process import free_port
+
+    ports = dict(
+        FLYWHEEL_HOME=str(tmp_path),
+        FLYWHEEL_KAFKA_BOOTSTRAP=f"127.0.0.1:{free_port()}",
+        FLYWHEEL_CLICKHOUSE_URL=f"http://127.0.0.1:{free_port()}",
+        FLYWHEEL_TRITON_HTTP_URL=f"127.0.0.1:{free_port()}",
+        FLYWHEEL_TRITON_GRPC_URL=f"127.0.0.1:{free_port()}",
+        FLYWHEEL_TRITON_METRICS_PORT=str(free_port()),
+    )
+    try:
+        up = run(settings, "up", timeout=300, **ports)
+        assert up.returncode == 0, up.stdout + up.stderr
+        for where in (ports["FLYWHEEL_KAFKA_BOOTSTRAP"], ports["FLYWHEEL_CLICKHOUSE_URL"]):
+            assert where in up.stdout
+        again = run(settings, "up", timeout=120, **ports)
+        assert again.returncode == 0 and again.stdout.count("already running") == 3, again.stdout
+    finally:
+        down = run(settings, "down", **ports)
+    assert down.returncode == 0, down.stderr
+    assert "broker" in down.stdout and "triton" in down.stdout
+    status = run(settings, "status", **ports)
+    assert status.stdout.count("stopped") == 3
