@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "teacher_api_key"})
 
 
@@ -83,6 +84,14 @@ class Settings(BaseSettings):
     # Teacher (OpenAI-compatible). The local stack serves the reference teacher here.
     teacher_url: str = "http://127.0.0.1:8100/v1"
     teacher_api_key: SecretStr | None = None
+
+    # Agents and data.
+    agents_file: Path = Field(REPO_ROOT / "agents.yaml", description="The agents' configuration (agents.yaml)")
+    data_dir: Path = Field(REPO_ROOT / "data", description="Labelled data sets behind the reference teacher")
+
+    # The reference teacher (the local stack's offline stand-in for a frontier model).
+    reference_teacher_latency_ms: float = Field(400.0, ge=0, description="Median answer latency")
+    reference_teacher_flaw_rate: float = Field(0.03, ge=0, le=1, description="Share of flawed answers")
 
     # Local stack only: where the stand-ins find their binaries and keep their data (defaults under home).
     tansu_bin: Path | None = None
