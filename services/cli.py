@@ -22,11 +22,22 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from services.core.agents import AgentConfigError, UnknownAgentError
     from services.core.clickhouse import ClickHouseError
     from services.core.topics import TopicError
     from services.stack.process import StackError
 
-    return (SettingsError, StackError, TopicError, ClickHouseError, FileNotFoundError)
+    return (
+        SettingsError,
+        StackError,
+        TopicError,
+        ClickHouseError,
+        FileNotFoundError,
+        AgentConfigError,
+        UnknownAgentError,
+        TimeoutError,
+        click.UsageError,
+    )
 
 
 def friendly_errors(func: F) -> F:
@@ -126,9 +137,7 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 
 @main.command()
 @click.argument("query")
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "csv", "tsv", "json"]), default="table", show_default=True
-)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "tsv", "json"]), default="table", show_default=True)
 @friendly_errors
 def sql(query: str, fmt: str) -> None:
     """Run a SQL query on ClickHouse and print the result."""
@@ -154,9 +163,7 @@ def _smoke(settings: Settings) -> bool:
     console.print("smoke round trip:")
     results = run_smoke(
         settings,
-        lambda r: console.print(
-            f"  {'[green]✓' if r.ok else '[red]✗'}[/] {r.part:<10} {r.ms:7.0f} ms  {r.detail}"
-        ),
+        lambda r: console.print(f"  {'[green]✓' if r.ok else '[red]✗'}[/] {r.part:<10} {r.ms:7.0f} ms  {r.detail}"),
     )
     return all(r.ok for r in results)
 
@@ -180,6 +187,160 @@ def demo() -> None:
     console.print("[bold green]the local stack is up and every part answered.[/] Try:")
     console.print('  flywheel sql "SELECT version, name, applied_at FROM schema_migrations"')
     console.print("  flywheel status\n  flywheel down")
+
+
+@main.command()
+@click.argument("text")
+@click.option("--agent", "agent_id", required=True, help="An agent of agents.yaml")
+@click.option("--conversation", "conversation_id", default=None, help="Keeps a conversation's requests in order")
+@click.option("--intent", default=None, help="The intent label, if you know it")
+@click.option("--timeout", "timeout_s", default=120.0, show_default=True, help="Seconds to wait for the answer")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole response record as JSON")
+@friendly_errors
+def send(
+    text: str, agent_id: str, conversation_id: str | None, intent: str | None, timeout_s: float, as_json: bool
+) -> None:
+    """Send one user message to an agent through Kafka and print the answer."""
+    import uuid
+
+    from services.client import SyncFlywheelClient
+    from services.core.records import ChatMessage, InferenceRequest
+
+    settings = _settings()
+    request = InferenceRequest(
+        conversation_id=conversation_id or f"cli-{uuid.uuid4().hex[:12]}",
+        agent_id=agent_id,
+        intent=intent,
+        messages=[ChatMessage(role="user", content=text)],
+        metadata={"source": "flywheel send"},
+    )
+    with SyncFlywheelClient(settings) as client:
+        response = client.submit(request, timeout_s)
+    if as_json:
+        click.echo(response.model_dump_json(indent=2))
+    elif response.error:
+        err_console.print(f"[bold red]error:[/] {response.error}", highlight=False)
+    else:
+        calls = "".join(f"\n  tool call: {c.name}({c.arguments})" for c in response.tool_calls)
+        console.print(response.content or "", highlight=False, markup=False, end="")
+        console.print(calls, highlight=False, markup=False)
+        confidence = f", confidence {response.confidence:.2f}" if response.confidence is not None else ""
+        version = f" v{response.model_version}" if response.model_version else ""
+        console.print(
+            f"[dim]served by {response.served_by}{version} in {response.latency_ms:.0f} ms{confidence}, "
+            f"${response.cost_usd:.6f}[/]"
+        )
+    if response.error:
+        sys.exit(1)
+
+
+THRESHOLDS = ("confidence_threshold", "shadow_rate")
+
+
+@main.group()
+def agent() -> None:
+    """Inspect agents and change them at run time."""
+
+
+@agent.command("list")
+@friendly_errors
+def agent_list() -> None:
+    """The agents of agents.yaml with their mode, tier and lifecycle stage."""
+    from services.core.agents import load_agents
+
+    settings = _settings()
+    agents = load_agents(settings.agents_file)
+    stages = _lifecycles(settings)
+    table = Table(title=str(settings.agents_file), title_justify="left")
+    for col in ("agent", "mode", "tier", "teacher model", "stage", "student"):
+        table.add_column(col)
+    for agent_id, cfg in agents.agents.items():
+        life = stages.get(agent_id)
+        student = f"{life.model_name} v{life.model_version}" if life and life.has_student else "none"
+        table.add_row(agent_id, cfg.mode, cfg.tier, cfg.teacher.model, life.stage if life else "grace", student)
+    console.print(table)
+
+
+def _lifecycles(settings: Settings) -> dict:
+    from services.core.clickhouse import client
+    from services.core.lifecycle import fold
+    from services.core.lifecycle_store import read_lifecycle_events
+
+    ch = client(settings)
+    try:
+        events = read_lifecycle_events(ch)
+    finally:
+        ch.close()
+    return {a: fold(a, [e for e in events if e.agent_id == a]) for a in {e.agent_id for e in events}}
+
+
+@agent.command("set")
+@click.argument("agent_id")
+@click.option("--mode", type=click.Choice(["teacher", "student", "auto"]))
+@click.option("--tier", type=click.Choice(["cost-optimized", "accuracy-optimized"]))
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help=f"One of {', '.join(THRESHOLDS)}, in [0, 1]; repeatable",
+)
+@friendly_errors
+def agent_set(agent_id: str, mode: str | None, tier: str | None, thresholds: tuple[str, ...]) -> None:
+    """Change an agent's mode, tier or thresholds at run time (a record on flywheel.control)."""
+    import asyncio
+
+    from services.core.agents import load_agents
+    from services.core.codec import AvroCodec
+    from services.core.kafka import Publisher, create_producer
+    from services.core.records import AgentControl
+    from services.core.topics import CONTROL
+
+    settings = _settings()
+    load_agents(settings.agents_file).agent(agent_id)  # unknown agent: a clear error naming the known ones
+    values: dict[str, float] = {}
+    for item in thresholds:
+        name, sep, raw = item.partition("=")
+        if not sep or name not in THRESHOLDS:
+            raise click.UsageError(
+                f"--threshold {item!r}: expected NAME=VALUE with NAME one of {', '.join(THRESHOLDS)}"
+            )
+        try:
+            value = float(raw)
+        except ValueError:
+            raise click.UsageError(f"--threshold {item!r}: {raw!r} is not a number") from None
+        if not 0 <= value <= 1:
+            raise click.UsageError(f"--threshold {item!r}: must be between 0 and 1")
+        values[name] = value
+    if mode is None and tier is None and not values:
+        raise click.UsageError("nothing to change: give --mode, --tier or --threshold")
+    if mode == "student":
+        life = _lifecycles(settings).get(agent_id)
+        if life is None or not life.has_student:
+            raise click.UsageError(f"{agent_id}: mode student refused, the agent has no promoted student yet")
+    control = AgentControl(agent_id=agent_id, mode=mode, tier=tier, thresholds=values, changed_by="flywheel agent set")
+
+    async def publish() -> None:
+        producer = create_producer(settings)
+        await producer.start()
+        try:
+            await Publisher(producer, AvroCodec()).send(CONTROL, control, key=agent_id)
+        finally:
+            await producer.stop()
+
+    asyncio.run(publish())
+    changes = {k: v for k, v in (("mode", mode), ("tier", tier)) if v} | values
+    console.print(f"{agent_id}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+
+@main.command("run")
+@click.argument("service", type=click.Choice(["router", "logger", "teacher"]))
+def run_service(service: str) -> None:
+    """Run one service in the foreground (what `flywheel up` starts in the background)."""
+    import runpy
+
+    sys.argv = [f"services.{service}"]
+    runpy.run_module(f"services.{service}", run_name="__main__")
 
 
 @main.command("config")

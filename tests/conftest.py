@@ -22,6 +22,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
         triton_grpc_url=f"127.0.0.1:{free_port()}",
         triton_metrics_port=free_port(),
         teacher_url=f"http://127.0.0.1:{free_port()}/v1",
+        reference_teacher_latency_ms=20.0,  # realistic shape, test-sized wait
     )
 
 
@@ -60,3 +61,10 @@ def triton(settings: Settings, stack_manager: ProcessManager):
     from services.stack.triton import TritonServer
 
     return _start(stack_manager, TritonServer.from_settings(settings), settings)
+
+
+@pytest.fixture(scope="session")
+def teacher(settings: Settings, stack_manager: ProcessManager):
+    from services.stack.teacher import ReferenceTeacherServer
+
+    return _start(stack_manager, ReferenceTeacherServer.from_settings(settings), settings)

@@ -1,4 +1,5 @@
-"""The local stack as one unit: the parts in start order, and up / down / status over them."""
+"""The local stack as one unit: the parts in start order (infrastructure, the reference teacher, then the
+services), and up / down / status over them."""
 
 from __future__ import annotations
 
@@ -36,12 +37,17 @@ class LocalStack:
     def components(self) -> list[Component]:
         from services.stack.broker import TansuBroker
         from services.stack.clickhouse_endpoint import ClickHouseEndpoint
+        from services.stack.services import ServiceProcess
+        from services.stack.teacher import ReferenceTeacherServer
         from services.stack.triton import TritonServer
 
         return [
             TansuBroker.from_settings(self.settings),
             ClickHouseEndpoint.from_settings(self.settings),
             TritonServer.from_settings(self.settings),
+            ReferenceTeacherServer.from_settings(self.settings),
+            ServiceProcess.for_service(self.settings, "logger"),
+            ServiceProcess.for_service(self.settings, "router"),
         ]
 
     def up(self, progress: Callable[[str, str], None] = lambda name, msg: None) -> dict[str, dict[str, str]]:

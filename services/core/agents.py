@@ -1,0 +1,216 @@
+"""Agent configuration (``agents.yaml``): one entry per agent, validated at start.
+
+A bad file is refused with a message naming the key path and the problem (``agents.support-bot.routing.
+shadow_rate: Input should be less than or equal to 1``); unknown keys are refused too, so a typo never
+silently falls back to a default. Prices are per 1M tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Mode = Literal["teacher", "student", "auto"]
+TierName = Literal["cost-optimized", "accuracy-optimized"]
+AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class AgentConfigError(ValueError):
+    """agents.yaml is missing, unreadable or invalid; the message names the file, key and problem."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Prices(_Strict):
+    input_per_1m: float = Field(ge=0)
+    output_per_1m: float = Field(ge=0)
+
+    def cost(self, input_tokens: int, output_tokens: int) -> float:
+        return (input_tokens * self.input_per_1m + output_tokens * self.output_per_1m) / 1_000_000
+
+
+class Tier(_Strict):
+    teacher: Prices
+    student: Prices
+
+
+# The seed's prices (USD per 1M input / output tokens).
+DEFAULT_TIERS: dict[str, Tier] = {
+    "cost-optimized": Tier(
+        teacher=Prices(input_per_1m=0.60, output_per_1m=3.00), student=Prices(input_per_1m=0.30, output_per_1m=2.50)
+    ),
+    "accuracy-optimized": Tier(
+        teacher=Prices(input_per_1m=1.50, output_per_1m=15.00),
+        student=Prices(input_per_1m=0.90, output_per_1m=5.00),
+    ),
+}
+
+
+class TeacherConfig(_Strict):
+    model: str = Field("reference/banking77", description="Model name sent to the OpenAI-compatible teacher")
+    url: str | None = Field(None, description="Overrides FLYWHEEL_TEACHER_URL for this agent")
+    timeout_s: float = Field(60.0, gt=0)
+    max_tokens: int | None = Field(None, gt=0)
+
+
+class GracePeriod(_Strict):
+    min_conversations: int = Field(300, ge=1)
+    min_unique_intents: int = Field(50, ge=1)
+    max_duration_days: float = Field(14, gt=0)
+    on_timeout: Literal["proceed", "wait"] = "proceed"
+
+
+class Distillation(_Strict):
+    base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    epochs: float = Field(3, gt=0)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
+    batch_size: int = Field(8, ge=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+
+
+class Validation(_Strict):
+    holdout_fraction: float = Field(0.15, gt=0, lt=1)
+    quality_threshold: float = Field(0.92, gt=0, le=1)
+    format_threshold: float = Field(0.95, gt=0, le=1)
+    gate_mode: Literal["overall", "selective"] = "overall"
+    min_coverage: float = Field(0.5, gt=0, le=1)
+    metrics: list[str] = Field(
+        default_factory=lambda: ["agreement", "format_compliance", "task_accuracy", "latency_p95"]
+    )
+
+
+class Routing(_Strict):
+    confidence_threshold: float = Field(0.85, ge=0, le=1)
+    shadow_rate: float = Field(0.05, ge=0, le=1)
+    # Share of student-eligible traffic sent to a newly promoted student, step by step; each step lasts
+    # canary_step_requests requests. [1.0] = no canary.
+    canary_steps: list[float] = Field(default_factory=lambda: [0.1, 0.5, 1.0])
+    canary_step_requests: int = Field(200, ge=1)
+
+    @field_validator("canary_steps")
+    @classmethod
+    def _steps(cls, steps: list[float]) -> list[float]:
+        if not steps or any(not 0 < s <= 1 for s in steps) or steps != sorted(steps) or steps[-1] != 1.0:
+            raise ValueError("must be increasing shares in (0, 1] ending with 1.0, e.g. [0.1, 0.5, 1.0]")
+        return steps
+
+
+class Drift(_Strict):
+    window_minutes: float = Field(60, gt=0)
+    min_samples: int = Field(30, ge=1)
+    agreement_drop: float = Field(0.05, gt=0, lt=1, description="Drop below the validation agreement that fires")
+    unseen_intent_share: float = Field(0.2, gt=0, le=1)
+    fallback_rate_rise: float = Field(0.15, gt=0, le=1)
+    cooldown_minutes: float = Field(30, ge=0)
+
+
+class Output(_Strict):
+    format: Literal["json"] = "json"
+    json_schema: dict[str, Any] = Field(default_factory=dict, description="JSON schema of the answer object")
+    valid_tools: list[str] = Field(default_factory=list)
+    intents: list[str] = Field(default_factory=list, description="Known intent labels, when the task has them")
+
+
+class AgentConfig(_Strict):
+    agent_id: str
+    description: str = ""
+    tier: TierName = "cost-optimized"
+    mode: Mode = "auto"
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    grace_period: GracePeriod = Field(default_factory=GracePeriod)
+    distillation: Distillation = Field(default_factory=Distillation)
+    validation: Validation = Field(default_factory=Validation)
+    routing: Routing = Field(default_factory=Routing)
+    drift: Drift = Field(default_factory=Drift)
+    output: Output = Field(default_factory=Output)
+    system_prompt: str | None = None
+
+    @field_validator("agent_id")
+    @classmethod
+    def _agent_id(cls, value: str) -> str:
+        if not AGENT_ID.match(value):
+            raise ValueError("must be lower-case letters, digits, '-' or '_' (at most 63), e.g. support-bot")
+        return value
+
+
+class AgentsFile(_Strict):
+    tiers: dict[str, Tier] = Field(default_factory=lambda: dict(DEFAULT_TIERS))
+    agents: dict[str, AgentConfig]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _inject_ids(cls, data: Any) -> Any:
+        # The mapping key is the agent id; writing it again inside the entry is optional.
+        if isinstance(data, dict) and isinstance(data.get("agents"), dict):
+            agents = {}
+            for key, entry in data["agents"].items():
+                entry = {} if entry is None else entry
+                if isinstance(entry, dict):
+                    entry = {"agent_id": key, **entry}
+                agents[key] = entry
+            data = {**data, "agents": agents}
+        if isinstance(data, dict) and isinstance(data.get("tiers"), dict):
+            data = {**data, "tiers": {**DEFAULT_TIERS, **data["tiers"]}}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentsFile:
+        if not self.agents:
+            raise ValueError("agents: at least one agent is needed")
+        for key, agent in self.agents.items():
+            if agent.agent_id != key:
+                raise ValueError(f"agents.{key}.agent_id: must equal its key {key!r}, got {agent.agent_id!r}")
+            if agent.tier not in self.tiers:
+                raise ValueError(f"agents.{key}.tier: unknown tier {agent.tier!r}")
+        return self
+
+    def agent(self, agent_id: str) -> AgentConfig:
+        try:
+            return self.agents[agent_id]
+        except KeyError:
+            raise UnknownAgentError(agent_id, sorted(self.agents)) from None
+
+    def tier(self, agent: AgentConfig) -> Tier:
+        return self.tiers[agent.tier]
+
+
+class UnknownAgentError(KeyError):
+    def __init__(self, agent_id: str, known: list[str]) -> None:
+        super().__init__(agent_id)
+        self.agent_id = agent_id
+        self.known = known
+
+    def __str__(self) -> str:
+        return f"unknown agent {self.agent_id!r}; agents.yaml defines: {', '.join(self.known) or 'none'}"
+
+
+def parse_agents(data: Any, source: str = "agents.yaml") -> AgentsFile:
+    try:
+        return AgentsFile.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",))
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        raise AgentConfigError(f"{source}: " + "; ".join(problems)) from exc
+
+
+def load_agents(path: Path) -> AgentsFile:
+    if not path.is_file():
+        raise AgentConfigError(f"agents file {path} does not exist (set FLYWHEEL_AGENTS_FILE)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise AgentConfigError(f"{path}: not valid YAML: {exc}") from exc
+    return parse_agents(data, str(path))

@@ -1,0 +1,3 @@
+from services.logger.service import main
+
+main()

@@ -1,0 +1,376 @@
+"""The router service: consumes ``flywheel.requests``, routes each request by the pure rules in
+``routing.py``, produces the response (to the request's reply topic) and one ``Interaction``.
+
+Concurrency: different conversations are served concurrently (at most ``max_in_flight``), the requests of
+one conversation strictly in order. Offsets: a request's offset is committed only once its response and its
+interaction are acknowledged by the broker, and never past an older request still in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections import Counter
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from datetime import datetime
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import ConsumerRecord
+
+from services.core import topics
+from services.core.agents import AgentsFile, UnknownAgentError, load_agents
+from services.core.codec import AvroCodec, DecodeError
+from services.core.health import clear_ready, mark_ready
+from services.core.kafka import Publisher, create_consumer, create_producer, dead_letter_for
+from services.core.offsets import OffsetTracker
+from services.core.records import (
+    AgentControl,
+    Answer,
+    DatasetSnapshot,
+    InferenceRequest,
+    InferenceResponse,
+    Interaction,
+    ModelEvent,
+    RetrainTriggered,
+    utcnow,
+)
+from services.core.settings import Settings
+from services.core.student import StudentAnswer, StudentClient, StudentUnavailable
+from services.router import routing
+from services.router.state import RouterState
+from services.teacher.base import Completion, Teacher, TeacherError
+
+log = logging.getLogger("flywheel.router")
+SERVICE = "router"
+GROUP = "flywheel-router"
+
+
+@dataclass
+class Outcome:
+    response: InferenceResponse
+    interaction: Interaction
+
+
+class Router:
+    def __init__(
+        self,
+        settings: Settings,
+        agents: AgentsFile,
+        teachers: dict[str, Teacher],
+        student: StudentClient,
+        codec: AvroCodec | None = None,
+        rng: random.Random | None = None,
+        max_in_flight: int = 512,
+    ) -> None:
+        self.settings = settings
+        self.agents = agents
+        self.teachers = teachers
+        self.student = student
+        self.codec = codec or AvroCodec()
+        self.rng = rng or random.Random()
+        self.state = RouterState(agents)
+        self.max_in_flight = max_in_flight
+        self.stats: Counter[str] = Counter()
+        self.publisher: Publisher | None = None
+        self._tails: dict[str, asyncio.Future] = {}
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._background: set[asyncio.Task] = set()
+
+    # Model calls --------------------------------------------------------------------------------------
+    def _teacher_for(self, agent_id: str) -> Teacher:
+        cfg = self.agents.agent(agent_id).teacher
+        return self.teachers.get(cfg.url or "", self.teachers[""])
+
+    async def _ask_teacher(self, request: InferenceRequest) -> Answer:
+        cfg = self.agents.agent(request.agent_id).teacher
+        t0 = time.perf_counter()
+        try:
+            done: Completion = await asyncio.wait_for(
+                self._teacher_for(request.agent_id).complete(
+                    request.messages, model=cfg.model, tools=request.tools, max_tokens=cfg.max_tokens
+                ),
+                cfg.timeout_s,
+            )
+        except (TeacherError, asyncio.TimeoutError) as exc:
+            self.stats["teacher_errors"] += 1
+            reason = str(exc) or f"no answer within {cfg.timeout_s:.0f}s"
+            return Answer(model=cfg.model, latency_ms=(time.perf_counter() - t0) * 1000, error=reason)
+        prices = self.state.tier(request.agent_id).teacher
+        return Answer(
+            content=done.content,
+            tool_calls=done.tool_calls,
+            model=done.model or cfg.model,
+            latency_ms=done.latency_ms,
+            input_tokens=done.input_tokens,
+            output_tokens=done.output_tokens,
+            cost_usd=prices.cost(done.input_tokens, done.output_tokens),
+            finish_reason=done.finish_reason,
+        )
+
+    async def _ask_student(self, request: InferenceRequest, version: int | None) -> Answer:
+        try:
+            got: StudentAnswer = await self.student.answer(request.agent_id, request.messages, request.tools, version)
+        except StudentUnavailable as exc:
+            self.stats["student_errors"] += 1
+            log.warning("%s", exc)
+            return Answer(model=f"student:{request.agent_id}", latency_ms=0.0, error=str(exc))
+        prices = self.state.tier(request.agent_id).student
+        tokens_in = routing.approx_tokens(" ".join(m.content for m in request.messages))
+        tokens_out = routing.approx_tokens(got.text)
+        return Answer(
+            content=got.text,
+            model=got.model,
+            model_version=got.model_version,
+            confidence=got.confidence,
+            latency_ms=got.latency_ms,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            cost_usd=prices.cost(tokens_in, tokens_out),
+        )
+
+    # One request --------------------------------------------------------------------------------------
+    async def serve(self, request: InferenceRequest, received_at: datetime) -> Outcome:
+        """Route one request and build its response and interaction (no Kafka I/O: testable alone)."""
+        view = self.state.view(request.agent_id)
+        rt = self.state.runtime_of(request.agent_id)
+        first = routing.plan(view, self.rng.random())
+        teacher: Answer | None = None
+        student: Answer | None = None
+        shadow = training = False
+        if first.ask_student:
+            self.state.count_eligible(request.agent_id)
+            student = await self._ask_student(request, rt.lifecycle.model_version)
+            after = routing.after_student(view, student.confidence, student.error is not None, self.rng.random())
+            served_by, reason, shadow, training = after.served_by, after.reason, after.shadow, after.training_candidate
+            if after.call_teacher:
+                teacher = await self._ask_teacher(request)
+        else:
+            # Every answer the teacher serves (grace period, pinned teacher, canary hold-out) is training data.
+            served_by, reason, training = "teacher", first.reason, True
+            teacher = await self._ask_teacher(request)
+        served = student if served_by == "student" else teacher
+        assert served is not None
+        costs = routing.costs(
+            self.state.tier(request.agent_id),
+            routing.Usage(teacher.input_tokens, teacher.output_tokens) if teacher and not teacher.error else None,
+            routing.Usage(student.input_tokens, student.output_tokens) if student and not student.error else None,
+        )
+        responded_at = utcnow()
+        latency_ms = (responded_at - received_at).total_seconds() * 1000
+        error = served.error
+        response = InferenceResponse(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            agent_id=request.agent_id,
+            content=None if error else served.content,
+            tool_calls=[] if error else served.tool_calls,
+            served_by="none" if error else served_by,
+            model_version=served.model_version,
+            confidence=served.confidence,
+            latency_ms=latency_ms,
+            cost_usd=costs.cost_usd,
+            error=error,
+        )
+        interaction = Interaction(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            agent_id=request.agent_id,
+            messages=request.messages,
+            tools=request.tools,
+            intent=request.intent,
+            metadata=request.metadata,
+            teacher=teacher,
+            student=student,
+            served_by="none" if error else served_by,
+            route_reason=reason,
+            shadow=shadow,
+            training_candidate=training and teacher is not None and teacher.error is None,
+            lifecycle_stage=rt.lifecycle.stage,
+            cost_usd=costs.cost_usd,
+            teacher_only_cost_usd=costs.teacher_only_cost_usd,
+            received_at=received_at,
+            responded_at=responded_at,
+        )
+        self.stats[f"served_by_{response.served_by}"] += 1
+        self.stats[f"reason_{reason}"] += 1
+        return Outcome(response, interaction)
+
+    # Kafka wiring -------------------------------------------------------------------------------------
+    async def _dead_letter(self, msg: ConsumerRecord, kind: str, reason: str) -> None:
+        assert self.publisher is not None
+        await self.publisher.send(topics.REQUESTS.dlq, dead_letter_for(msg, kind, reason, SERVICE), msg.key)
+        self.stats[f"dlq_{kind}"] += 1
+
+    async def _handle(self, msg: ConsumerRecord, previous: Awaitable | None) -> None:
+        tp = TopicPartition(msg.topic, msg.partition)
+        try:
+            if previous is not None:
+                with contextlib.suppress(Exception):
+                    await previous  # same conversation: strictly after the earlier request
+            await self._process(msg)
+        except Exception as exc:  # a bug must not lose the record: it goes to the DLQ with the reason
+            log.exception("router: request at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
+            await self._dead_letter(msg, "processing", f"{type(exc).__name__}: {exc}")
+        finally:
+            self._tracker.finished(tp, msg.offset)
+            self._slots.release()
+
+    async def _process(self, msg: ConsumerRecord) -> None:
+        assert self.publisher is not None
+        received_at = utcnow()
+        try:
+            request = self.codec.decode(msg.value, InferenceRequest)
+        except DecodeError as err:
+            log.warning("router: %s[%d]@%d to DLQ: %s", msg.topic, msg.partition, msg.offset, err)
+            await self._dead_letter(msg, err.kind, err.reason)
+            return
+        reply_topic = request.reply_topic or topics.RESPONSES.name
+        try:
+            outcome = await self.serve(request, received_at)
+        except UnknownAgentError as exc:
+            await self._dead_letter(msg, "unknown_agent", str(exc))
+            error = InferenceResponse(
+                request_id=request.request_id,
+                conversation_id=request.conversation_id,
+                agent_id=request.agent_id,
+                error=str(exc),
+            )
+            await self._send_raw(reply_topic, error, request.conversation_id)
+            return
+        if outcome.response.error:
+            await self._dead_letter(msg, "processing", outcome.response.error)
+        sent = [
+            await self._send_raw_nowait(reply_topic, outcome.response, request.conversation_id),
+            await self.publisher.send_nowait(topics.INTERACTIONS, outcome.interaction, request.request_id),
+        ]
+        for fut in sent:
+            await fut
+
+    async def _send_raw_nowait(self, topic: str, record: InferenceResponse, key: str):
+        assert self.publisher is not None
+        return await self.publisher.producer.send(topic, self.codec.encode(record), key=key.encode())
+
+    async def _send_raw(self, topic: str, record: InferenceResponse, key: str) -> None:
+        await (await self._send_raw_nowait(topic, record, key))
+
+    def _dispatch(self, msg: ConsumerRecord) -> None:
+        """Start serving a record, after any earlier request of the same conversation."""
+        self._tracker.started(TopicPartition(msg.topic, msg.partition), msg.offset)
+        key = msg.key.decode(errors="replace") if msg.key else f"{msg.partition}:{msg.offset}"
+        previous = self._tails.get(key)
+        task = asyncio.ensure_future(self._handle(msg, previous))
+        self._tails[key] = task
+        task.add_done_callback(lambda t, k=key: self._tails.pop(k, None) if self._tails.get(k) is t else None)
+
+    async def _follow_lifecycle(self, consumer: AIOKafkaConsumer) -> None:
+        """Apply lifecycle and control events as they arrive (ids already seen are skipped)."""
+        while True:
+            for messages in (await consumer.getmany(timeout_ms=500)).values():
+                for msg in messages:
+                    try:
+                        record = self.codec.decode(msg.value)
+                    except DecodeError as err:
+                        log.warning("router: undecodable record on %s: %s", msg.topic, err)
+                        continue
+                    if isinstance(record, AgentControl):
+                        refused = self.state.apply_control(record)
+                        if refused:
+                            log.error("router: control change refused: %s", refused)
+                    elif isinstance(record, ModelEvent | RetrainTriggered | DatasetSnapshot):
+                        self.state.apply_lifecycle(record)
+
+    def load_history(self) -> None:
+        """The lifecycle so far, from ClickHouse (the durable record)."""
+        from services.core.clickhouse import client
+        from services.core.lifecycle_store import read_lifecycle_events
+
+        ch = client(self.settings)
+        try:
+            for event in read_lifecycle_events(ch):
+                self.state.apply_lifecycle(event)
+        finally:
+            ch.close()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        self.load_history()
+        producer = create_producer(self.settings)
+        await producer.start()
+        self.publisher = Publisher(producer, self.codec)
+        follow_topics = [topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name, topics.CONTROL.name]
+        follower = create_consumer(self.settings, None, *follow_topics)
+        requests = create_consumer(self.settings, GROUP, topics.REQUESTS.name, max_poll_records=1000)
+        await follower.start()
+        await requests.start()
+        follow_task = asyncio.ensure_future(self._follow_lifecycle(follower))
+        mark_ready(self.settings, SERVICE)
+        log.info("router: serving %s (agents: %s)", topics.REQUESTS.name, ", ".join(self.agents.agents))
+        last_report = time.monotonic()
+        try:
+            while not stop.is_set():
+                batch = await requests.getmany(timeout_ms=100)
+                for messages in batch.values():
+                    for msg in messages:
+                        await self._slots.acquire()  # back-pressure: at most max_in_flight requests
+                        self._dispatch(msg)
+                await self._commit(requests)
+                if time.monotonic() - last_report > 30:
+                    log.info("router: %s", dict(self.stats))
+                    last_report = time.monotonic()
+            # Finish what is in flight, commit it, then stop.
+            while self._tracker.in_flight():
+                await asyncio.sleep(0.05)
+            await self._commit(requests)
+        finally:
+            clear_ready(self.settings, SERVICE)
+            follow_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow_task
+            await requests.stop()
+            await follower.stop()
+            await producer.stop()
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        offsets = self._tracker.committable()
+        if offsets:
+            await consumer.commit(offsets)
+
+
+def build_router(settings: Settings) -> Router:
+    from services.teacher.base import teacher_from_settings
+
+    agents = load_agents(settings.agents_file)
+    teachers: dict[str, Teacher] = {"": teacher_from_settings(settings)}
+    for cfg in agents.agents.values():
+        if cfg.teacher.url and cfg.teacher.url not in teachers:
+            teachers[cfg.teacher.url] = teacher_from_settings(
+                settings.model_copy(update={"teacher_url": cfg.teacher.url})
+            )
+    return Router(settings, agents, teachers, StudentClient(settings.triton_grpc_url))
+
+
+async def _main(settings: Settings) -> None:
+    router = build_router(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await router.run(stop)
+    finally:
+        for teacher in router.teachers.values():
+            await teacher.aclose()
+        await router.student.close()
+        log.info("router: stopped; %s", json.dumps(dict(router.stats)))
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load()
+    asyncio.run(_main(settings))

@@ -1,0 +1,238 @@
+"""The serving path on the real local stack: the router and the logger run as processes (as `flywheel up`
+starts them), the reference teacher serves over HTTP, a tiny student serves from Triton. Requests go in
+through the client; responses come back and interactions land in ClickHouse, for every mode."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.client import FlywheelClient
+from services.core import topics
+from services.core.clickhouse import client as ch_client
+from services.core.codec import AvroCodec
+from services.core.kafka import Publisher, create_consumer, create_producer
+from services.core.model_repository import ModelRepository, StudentModelSpec, student_model_name
+from services.core.records import AgentControl, ChatMessage, DeadLetter, InferenceRequest, ModelEvent
+from services.core.settings import Settings
+from services.stack.services import ServiceProcess
+
+pytestmark = pytest.mark.integration
+
+RUN = uuid.uuid4().hex[:6]
+AGENTS = {
+    "pinned-teacher": {"mode": "teacher"},
+    "in-grace": {},
+    "live": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.0}},
+    "unsure": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.0}},
+    "shadowed": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.3}},
+    "canary": {"routing": {"canary_steps": [0.5, 1.0], "canary_step_requests": 1000, "shadow_rate": 0.0}},
+}
+
+
+def aid(name: str) -> str:
+    return f"{name}-{RUN}"
+
+
+@pytest.fixture(scope="module")
+def serving(broker, clickhouse, triton, teacher, settings: Settings, stack_manager, tmp_path_factory):
+    """Router and logger processes over the session's stack, with this module's agents."""
+    from tests.conftest import _start
+
+    agents_file = tmp_path_factory.mktemp("agents") / "agents.yaml"
+    agents = {
+        aid(name): {"teacher": {"model": "reference/banking77"}, **cfg} for name, cfg in AGENTS.items()
+    }
+    agents_file.write_text(yaml.safe_dump({"agents": agents}))
+    svc_settings = settings.model_copy(update={"agents_file": agents_file})
+    _start(stack_manager, ServiceProcess.for_service(svc_settings, "logger"), settings)
+    _start(stack_manager, ServiceProcess.for_service(svc_settings, "router"), settings)
+    return svc_settings
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tmp_path_factory) -> Path:
+    from tests.helpers.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-student"))
+
+
+async def promote(settings: Settings, agent_id: str, base: Path, threshold: float) -> int:
+    """Publish a tiny student for the agent in Triton and announce it on flywheel.models."""
+    repo = ModelRepository.from_settings(settings)
+    published = await asyncio.to_thread(
+        repo.publish_student, agent_id, StudentModelSpec(base_model=str(base), max_new_tokens=8)
+    )
+    event = ModelEvent(
+        agent_id=agent_id,
+        kind="promoted",
+        model_name=student_model_name(agent_id),
+        model_version=published.version,
+        confidence_threshold=threshold,
+        metrics={"agreement": 0.95},
+    )
+    await publish(settings, topics.MODELS, event, agent_id)
+    return published.version
+
+
+async def publish(settings: Settings, topic, record, key: str) -> None:  # noqa: ANN001
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        await Publisher(producer, AvroCodec()).send(topic, record, key)
+    finally:
+        await producer.stop()
+
+
+def request(agent: str, text: str = "I am still waiting on my card?", conversation: str | None = None):
+    return InferenceRequest(
+        conversation_id=conversation or uuid.uuid4().hex,
+        agent_id=agent,
+        messages=[ChatMessage(role="user", content=text)],
+    )
+
+
+async def send_all(settings: Settings, requests: list[InferenceRequest]):
+    async with FlywheelClient(settings) as client:
+        return await asyncio.gather(*(client.submit(r, timeout_s=120) for r in requests))
+
+
+def rows(settings: Settings, sql: str, **params) -> list[tuple]:
+    ch = ch_client(settings)
+    try:
+        return ch.query(sql, parameters=params).result_rows
+    finally:
+        ch.close()
+
+
+def wait_rows(settings: Settings, agent: str, n: int, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        got = rows(settings, "SELECT count() FROM interactions WHERE agent_id = {a:String}", a=agent)[0][0]
+        if got >= n:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{agent}: {got} of {n} interactions reached ClickHouse within {timeout_s}s")
+
+
+async def test_teacher_mode_and_grace_period_are_served_by_the_teacher(serving: Settings) -> None:
+    reqs = [request(aid("pinned-teacher")) for _ in range(5)] + [request(aid("in-grace")) for _ in range(5)]
+    responses = await send_all(serving, reqs)
+    assert all(r.served_by == "teacher" and r.error is None for r in responses)
+    assert all('"intent"' in (r.content or "") for r in responses)
+    assert all(r.cost_usd > 0 for r in responses)
+    for name, reason in (("pinned-teacher", "mode_teacher"), ("in-grace", "grace_period")):
+        wait_rows(serving, aid(name), 5)
+        got = rows(
+            serving,
+            "SELECT served_by, route_reason, lifecycle_stage, teacher_ran, student_ran, training_candidate, "
+            "cost_usd = teacher_only_cost_usd FROM interactions WHERE agent_id = {a:String}",
+            a=aid(name),
+        )
+        assert set(got) == {("teacher", reason, "grace", True, False, True, True)}, got
+
+
+async def test_live_student_serves_and_low_confidence_falls_back(serving: Settings, tiny_student: Path) -> None:
+    await promote(serving, aid("live"), tiny_student, threshold=0.0)
+    await promote(serving, aid("unsure"), tiny_student, threshold=1.0)  # never sure enough: always the teacher
+    await asyncio.sleep(2)  # the router follows flywheel.models
+    live = await send_all(serving, [request(aid("live")) for _ in range(8)])
+    assert all(r.served_by == "student" and r.model_version and r.confidence is not None for r in live)
+    unsure = await send_all(serving, [request(aid("unsure")) for _ in range(8)])
+    assert all(r.served_by == "teacher" for r in unsure)
+    wait_rows(serving, aid("unsure"), 8)
+    got = rows(
+        serving,
+        "SELECT route_reason, student_ran, teacher_ran, training_candidate, cost_usd > teacher_only_cost_usd "
+        "FROM interactions WHERE agent_id = {a:String}",
+        a=aid("unsure"),
+    )
+    assert set(got) == {("low_confidence", True, True, True, True)}  # fallback pays for both models
+    wait_rows(serving, aid("live"), 8)
+    got = rows(
+        serving,
+        "SELECT served_by, route_reason, lifecycle_stage, teacher_ran FROM interactions WHERE agent_id = {a:String}",
+        a=aid("live"),
+    )
+    assert set(got) == {("student", "confident", "live", False)}
+
+
+async def test_shadow_share_within_tolerance(serving: Settings, tiny_student: Path) -> None:
+    await promote(serving, aid("shadowed"), tiny_student, threshold=0.0)
+    await asyncio.sleep(2)
+    n = 200
+    responses = await send_all(serving, [request(aid("shadowed")) for _ in range(n)])
+    assert all(r.served_by == "student" for r in responses)
+    wait_rows(serving, aid("shadowed"), n)
+    shadows, both = rows(
+        serving,
+        "SELECT countIf(shadow), countIf(shadow AND teacher_ran AND student_ran) FROM interactions "
+        "WHERE agent_id = {a:String}",
+        a=aid("shadowed"),
+    )[0]
+    # 30 % of 200: 60 expected, sd 6.5; four sd either side.
+    assert 34 <= shadows <= 86 and both == shadows
+
+
+async def test_canary_ramp_splits_eligible_traffic(serving: Settings, tiny_student: Path) -> None:
+    await promote(serving, aid("canary"), tiny_student, threshold=0.0)
+    await asyncio.sleep(2)
+    responses = await send_all(serving, [request(aid("canary")) for _ in range(100)])
+    student = sum(r.served_by == "student" for r in responses)
+    assert 25 <= student <= 75  # the first step: half of the eligible traffic
+    assert {r.served_by for r in responses} == {"student", "teacher"}
+
+
+async def test_control_switches_mode_at_run_time(serving: Settings, tiny_student: Path) -> None:
+    agent = aid("in-grace")
+    await publish(serving, topics.CONTROL, AgentControl(agent_id=agent, mode="teacher"), agent)
+    await asyncio.sleep(2)
+    (r,) = await send_all(serving, [request(agent)])
+    assert r.served_by == "teacher"
+    wait_rows(serving, agent, 6)
+    assert rows(
+        serving,
+        "SELECT route_reason FROM interactions WHERE agent_id = {a:String} ORDER BY received_at DESC LIMIT 1",
+        a=agent,
+    ) == [("mode_teacher",)]
+
+
+async def test_malformed_and_unknown_agent_requests_go_to_the_dlq(serving: Settings) -> None:
+    codec = AvroCodec()
+    dlq = create_consumer(serving, None)
+    await dlq.start()
+    from aiokafka import TopicPartition
+
+    tp = TopicPartition(topics.REQUESTS.dlq.name, 0)
+    dlq.assign([tp])
+    await dlq.seek_to_end(tp)
+    await dlq.position(tp)
+    conversation = uuid.uuid4().hex
+    producer = create_producer(serving)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topics.REQUESTS.name, b"\xc3\x01garbage", key=conversation.encode())
+    finally:
+        await producer.stop()
+    unknown, good = await send_all(
+        serving, [request("no-such-agent"), request(aid("in-grace"), conversation=conversation)]
+    )
+    assert unknown.error and "no-such-agent" in unknown.error and unknown.served_by == "none"
+    assert good.error is None and good.served_by == "teacher"  # the next request of that conversation is served
+    letters: list[DeadLetter] = []
+    deadline = time.monotonic() + 20
+    try:
+        while len(letters) < 2 and time.monotonic() < deadline:
+            for msgs in (await dlq.getmany(timeout_ms=500)).values():
+                letters += [codec.decode(m.value, DeadLetter) for m in msgs]
+    finally:
+        await dlq.stop()
+    kinds = {letter.error_kind: letter for letter in letters}
+    assert "unknown_agent" in kinds and "no-such-agent" in kinds["unknown_agent"].error
+    assert kinds.keys() & {"truncated", "bad_body", "unknown_fingerprint"}
+    assert any(letter.value == b"\xc3\x01garbage" for letter in letters)
