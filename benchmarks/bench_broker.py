@@ -14,6 +14,7 @@ import uuid
 
 from confluent_kafka import Consumer, Producer
 
+from services.core.kafka import confluent_consumer_config
 from services.core.settings import Settings
 from services.core.topics import TopicSpec, ensure_topics
 from services.stack.broker import TansuBroker
@@ -48,13 +49,7 @@ def run(settings: Settings, messages: int, size: int) -> None:
     assert left == 0, f"{left} messages not delivered"
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"bench-{uuid.uuid4().hex[:6]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "fetch.max.bytes": 50_000_000,
-        }
+        confluent_consumer_config(settings, f"bench-{uuid.uuid4().hex[:6]}", **{"fetch.max.bytes": 50_000_000})
     )
     consumer.subscribe([topic.name])
     got = 0

@@ -68,3 +68,13 @@ def teacher(settings: Settings, stack_manager: ProcessManager):
     from services.stack.teacher import ReferenceTeacherServer
 
     return _start(stack_manager, ReferenceTeacherServer.from_settings(settings), settings)
+
+
+def start_services(manager: ProcessManager, settings: Settings, names: tuple[str, ...] = ("logger", "router")) -> None:
+    """(Re)start the flywheel's services with these settings (tests use their own agents files, so a service
+    left running by another test module is restarted rather than adopted)."""
+    from services.stack.services import ServiceProcess
+
+    for name in names:
+        manager.stop(name)
+        _start(manager, ServiceProcess.for_service(settings, name), settings)

@@ -77,9 +77,22 @@ def create_consumer(
         "group_id": group_id,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         **overrides,
     }
     return AIOKafkaConsumer(*topics, **kwargs)
+
+
+def confluent_consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
+    """librdkafka consumer settings: manual commits, earliest offset for a new group, the fetch wait."""
+    return {
+        **confluent_config(settings),
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+        "fetch.wait.max.ms": settings.kafka_fetch_max_wait_ms,
+        **overrides,
+    }
 
 
 class Publisher:

@@ -1,5 +1,7 @@
 """A smoke round trip through every part of a running stack: an Avro record through Kafka, a query through
-the ClickHouse endpoint, an inference through Triton. Works the same against the production stack."""
+the ClickHouse endpoint, an inference through Triton, and a request through the router (answered by the
+teacher or the student) whose interaction the logger writes to ClickHouse. Works the same against the
+production stack."""
 
 from __future__ import annotations
 
@@ -89,6 +91,42 @@ def triton_round_trip(settings: Settings) -> str:
     return f"{name} answered over gRPC (confidence {confidence:.2f})"
 
 
+async def serving_round_trip(settings: Settings) -> str:
+    """One request through the router (teacher or student, by the agent's stage) and its interaction row."""
+    from services.client import FlywheelClient
+    from services.core.agents import load_agents
+    from services.core.clickhouse import client
+
+    agent_id = next(iter(load_agents(settings.agents_file).agents))
+    request = InferenceRequest(
+        conversation_id=f"smoke-{uuid.uuid4().hex[:8]}",
+        agent_id=agent_id,
+        messages=[ChatMessage(role="user", content="I am still waiting on my card?")],
+        metadata={"source": "smoke"},
+    )
+    async with FlywheelClient(settings) as fc:
+        response = await fc.submit(request, timeout_s=60)
+    if response.error:
+        raise SmokeError(f"router: {agent_id} answered with an error: {response.error}")
+    ch = client(settings)
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = ch.query(
+                "SELECT route_reason FROM interactions WHERE request_id = {r:String}",
+                parameters={"r": request.request_id},
+            ).result_rows
+            if found:
+                return (
+                    f"{agent_id} answered by the {response.served_by} ({found[0][0]}) in {response.latency_ms:.0f} ms; "
+                    "its interaction is in ClickHouse"
+                )
+            await asyncio.sleep(0.2)
+    finally:
+        ch.close()
+    raise SmokeError("logger: the interaction did not reach ClickHouse within 20 s")
+
+
 def run_smoke(
     settings: Settings, report: Callable[[SmokeResult], None] = lambda r: None
 ) -> list[SmokeResult]:
@@ -97,6 +135,7 @@ def run_smoke(
         ("kafka", lambda: asyncio.run(kafka_round_trip(settings, codec))),
         ("clickhouse", lambda: clickhouse_round_trip(settings)),
         ("triton", lambda: triton_round_trip(settings)),
+        ("serving", lambda: asyncio.run(serving_round_trip(settings))),
     ]
     results = []
     for part, step in steps:

@@ -17,6 +17,7 @@ from services.core.kafka import (
     Publisher,
     TopicReader,
     confluent_config,
+    confluent_consumer_config,
     create_consumer,
     create_producer,
 )
@@ -87,14 +88,7 @@ def test_avro_round_trip_confluent(broker, settings: Settings, codec: AvroCodec)
     for r in sent:
         producer.produce(topic.name, codec.encode(r), key=r.conversation_id.encode())
     assert producer.flush(15) == 0
-    consumer = Consumer(
-        {
-            **confluent_config(settings),
-            "group.id": f"g-{uuid.uuid4().hex[:6]}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
-    )
+    consumer = Consumer(confluent_consumer_config(settings, f"g-{uuid.uuid4().hex[:6]}"))
     consumer.subscribe([topic.name])
     got = []
     deadline = time.monotonic() + 30

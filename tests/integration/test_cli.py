@@ -86,10 +86,13 @@ def test_migrations_applied_once(stack, settings: Settings) -> None:
     assert len(names) == len(list(Path("infra/clickhouse").glob("[0-9]*.sql")))
 
 
-def test_smoke_round_trip(stack, settings: Settings) -> None:
+def test_smoke_round_trip(stack, settings: Settings, stack_manager) -> None:
+    from tests.conftest import start_services
+
+    start_services(stack_manager, settings)  # with the shipped agents.yaml
     out = run(settings, "smoke", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert out.stdout.count("✓") == 3
+    assert out.stdout.count("✓") == 4
 
 
 def test_unreachable_clickhouse_is_named(settings: Settings) -> None:

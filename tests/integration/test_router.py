@@ -20,7 +20,6 @@ from services.core.kafka import Publisher, create_consumer, create_producer
 from services.core.model_repository import ModelRepository, StudentModelSpec, student_model_name
 from services.core.records import AgentControl, ChatMessage, DeadLetter, InferenceRequest, ModelEvent
 from services.core.settings import Settings
-from services.stack.services import ServiceProcess
 
 pytestmark = pytest.mark.integration
 
@@ -42,16 +41,13 @@ def aid(name: str) -> str:
 @pytest.fixture(scope="module")
 def serving(broker, clickhouse, triton, teacher, settings: Settings, stack_manager, tmp_path_factory):
     """Router and logger processes over the session's stack, with this module's agents."""
-    from tests.conftest import _start
+    from tests.conftest import start_services
 
     agents_file = tmp_path_factory.mktemp("agents") / "agents.yaml"
-    agents = {
-        aid(name): {"teacher": {"model": "reference/banking77"}, **cfg} for name, cfg in AGENTS.items()
-    }
+    agents = {aid(name): {"teacher": {"model": "reference/banking77"}, **cfg} for name, cfg in AGENTS.items()}
     agents_file.write_text(yaml.safe_dump({"agents": agents}))
     svc_settings = settings.model_copy(update={"agents_file": agents_file})
-    _start(stack_manager, ServiceProcess.for_service(svc_settings, "logger"), settings)
-    _start(stack_manager, ServiceProcess.for_service(svc_settings, "router"), settings)
+    start_services(stack_manager, svc_settings)
     return svc_settings
 
 
@@ -80,7 +76,7 @@ async def promote(settings: Settings, agent_id: str, base: Path, threshold: floa
     return published.version
 
 
-async def publish(settings: Settings, topic, record, key: str) -> None:  # noqa: ANN001
+async def publish(settings: Settings, topic, record, key: str) -> None:
     producer = create_producer(settings)
     await producer.start()
     try:
