@@ -31,6 +31,8 @@ AGENTS = {
     "unsure": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.0}},
     "shadowed": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.3}},
     "canary": {"routing": {"canary_steps": [0.5, 1.0], "canary_step_requests": 1000, "shadow_rate": 0.0}},
+    "ghost": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.0}},
+    "ordered": {},
 }
 
 
@@ -232,3 +234,47 @@ async def test_malformed_and_unknown_agent_requests_go_to_the_dlq(serving: Setti
     assert "unknown_agent" in kinds and "no-such-agent" in kinds["unknown_agent"].error
     assert kinds.keys() & {"truncated", "bad_body", "unknown_fingerprint"}
     assert any(letter.value == b"\xc3\x01garbage" for letter in letters)
+
+
+async def test_a_missing_student_model_falls_back_to_the_teacher(serving: Settings) -> None:
+    """A promotion whose model Triton does not have: a counted student error, answered by the teacher."""
+    agent = aid("ghost")
+    event = ModelEvent(agent_id=agent, kind="promoted", model_name=student_model_name(agent), model_version=7)
+    await publish(serving, topics.MODELS, event, agent)
+    await asyncio.sleep(2)
+    responses = await send_all(serving, [request(agent) for _ in range(3)])
+    assert all(r.served_by == "teacher" and r.error is None for r in responses)
+    wait_rows(serving, agent, 3)
+    got = rows(
+        serving,
+        "SELECT route_reason, student_ran, student_error LIKE '%student_ghost%', training_candidate "
+        "FROM interactions WHERE agent_id = {a:String}",
+        a=agent,
+    )
+    assert set(got) == {("student_error", True, True, True)}
+
+
+async def test_one_conversation_is_served_in_order_while_others_run_concurrently(serving: Settings) -> None:
+    agent = aid("ordered")
+    conversation = uuid.uuid4().hex
+    ordered = [
+        request(agent, text=f"message {i}: my card has not arrived", conversation=conversation) for i in range(15)
+    ]
+    others = [request(agent) for _ in range(30)]
+    async with FlywheelClient(serving) as client:
+        await asyncio.gather(*(client.submit(r, timeout_s=120) for r in ordered + others))
+    wait_rows(serving, agent, 45)
+    got = rows(
+        serving,
+        "SELECT request_id FROM interactions WHERE conversation_id = {c:String} ORDER BY responded_at",
+        c=conversation,
+    )
+    assert [r[0] for r in got] == [r.request_id for r in ordered]
+    # Concurrency across conversations: the 45 requests took far less than 45 teacher round trips in a row.
+    spans = rows(
+        serving,
+        "SELECT max(responded_at) - min(received_at), sum(teacher_latency_ms) / 1000 FROM interactions "
+        "WHERE agent_id = {a:String}",
+        a=agent,
+    )[0]
+    assert float(spans[0]) < float(spans[1])
