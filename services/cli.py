@@ -234,6 +234,76 @@ def send(
         sys.exit(1)
 
 
+@main.command()
+@click.option("--agent", "agent_id", required=True, help="An agent of agents.yaml")
+@click.option("--count", default=100, show_default=True, help="Requests to send")
+@click.option("--rate", default=20.0, show_default=True, help="Requests per second (0 = as fast as possible)")
+@click.option(
+    "--workload", "workload_name", type=click.Choice(["banking77", "nlupp"]), default="banking77", show_default=True
+)
+@click.option("--intents", default=None, help="Comma-separated intents to draw from (default: all)")
+@click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True)
+@click.option("--label-share", default=0.0, show_default=True, help="Share of requests carrying the client's label")
+@click.option("--seed", default=7, show_default=True)
+@friendly_errors
+def replay(
+    agent_id: str,
+    count: int,
+    rate: float,
+    workload_name: str,
+    intents: str | None,
+    split: str,
+    label_share: float,
+    seed: int,
+) -> None:
+    """Replay a data set's user messages as conversations through the router (the demo's traffic)."""
+    import asyncio
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from services.core.agents import load_agents
+    from services.workload import replay as run_replay
+
+    settings = _settings()
+    load_agents(settings.agents_file).agent(agent_id)
+    chosen = [i.strip() for i in intents.split(",") if i.strip()] if intents else None
+    with Progress(
+        TextColumn("replay"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[split]}"),
+        TimeRemainingColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("replay", total=count, split="")
+
+        def progress(r) -> None:
+            split_text = " ".join(f"{k} {v}" for k, v in sorted(r.served_by.items()))
+            bar.update(task, completed=r.answered + r.errors, split=split_text)
+
+        result = asyncio.run(
+            run_replay(
+                settings,
+                agent_id,
+                workload_name,
+                count,
+                rate or None,
+                chosen,
+                split,
+                label_share,
+                seed,
+                progress=progress,
+            )
+        )
+    served = ", ".join(f"{k}: {v}" for k, v in sorted(result.served_by.items())) or "nothing"
+    console.print(
+        f"{result.answered}/{result.sent} answered in {result.seconds:.1f} s ({served}); {result.errors} errors; "
+        f"intent matches the gold label in {result.accuracy:.1%}"
+    )
+    if result.errors:
+        sys.exit(1)
+
+
 THRESHOLDS = ("confidence_threshold", "shadow_rate")
 
 
@@ -334,7 +404,7 @@ def agent_set(agent_id: str, mode: str | None, tier: str | None, thresholds: tup
 
 
 @main.command("run")
-@click.argument("service", type=click.Choice(["router", "logger", "teacher"]))
+@click.argument("service", type=click.Choice(["router", "logger", "teacher", "curator", "trainer"]))
 def run_service(service: str) -> None:
     """Run one service in the foreground (what `flywheel up` starts in the background)."""
     import runpy

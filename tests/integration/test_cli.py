@@ -95,6 +95,22 @@ def test_smoke_round_trip(stack, settings: Settings, stack_manager) -> None:
     assert out.stdout.count("✓") == 4
 
 
+def test_replay_and_send_through_the_router(stack, settings: Settings, stack_manager) -> None:
+    from tests.conftest import start_services
+
+    if stack_manager.running_pid("router") is None:
+        start_services(stack_manager, settings)
+    out = run(settings, "replay", "--agent", "support-bot", "--count", "20", "--rate", "0", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "20/20 answered" in out.stdout and "teacher: 20" in out.stdout
+    sent = run(settings, "send", "My card has not arrived yet", "--agent", "support-bot", "--json")
+    assert sent.returncode == 0, sent.stderr
+    response = json.loads(sent.stdout)
+    assert response["served_by"] == "teacher" and '"intent"' in response["content"]
+    unknown = run(settings, "send", "hello", "--agent", "nobody")
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr and "support-bot" in unknown.stderr
+
+
 def test_unreachable_clickhouse_is_named(settings: Settings) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
