@@ -123,6 +123,28 @@ def status() -> None:
             part.note,
         )
     console.print(table)
+    _print_agents(settings)
+
+
+def _print_agents(settings: Settings) -> None:
+    """Each agent's lifecycle stage and, in the grace period, its progress (needs ClickHouse)."""
+    from services.core.clickhouse import ClickHouseError
+    from services.curator.service import grace_progress
+
+    try:
+        progress = grace_progress(settings)
+        lifecycles = _lifecycles(settings)
+    except ClickHouseError as exc:
+        console.print(f"[dim]agents: ClickHouse not reachable ({str(exc).splitlines()[0]})[/]")
+        return
+    for status in progress:
+        life = lifecycles.get(status.agent_id)
+        stage = life.stage if life else "grace"
+        if stage == "grace":
+            console.print(status.describe(), highlight=False)
+        else:
+            student = f", student {life.model_name} v{life.model_version}" if life and life.has_student else ""
+            console.print(f"{status.agent_id}: {stage}{student}", highlight=False)
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     reference_teacher_latency_ms: float = Field(400.0, ge=0, description="Median answer latency")
     reference_teacher_flaw_rate: float = Field(0.03, ge=0, le=1, description="Share of flawed answers")
 
+    # Services.
+    curator_check_interval_s: float = Field(10.0, gt=0, description="How often the curator checks grace progress")
+
     # Local stack only: where the stand-ins find their binaries and keep their data (defaults under home).
     tansu_bin: Path | None = None
     tritonserver_dir: Path | None = None

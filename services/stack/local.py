@@ -48,6 +48,7 @@ class LocalStack:
             ReferenceTeacherServer.from_settings(self.settings),
             ServiceProcess.for_service(self.settings, "logger"),
             ServiceProcess.for_service(self.settings, "router"),
+            ServiceProcess.for_service(self.settings, "curator"),
         ]
 
     def up(self, progress: Callable[[str, str], None] = lambda name, msg: None) -> dict[str, dict[str, str]]:

@@ -1,0 +1,3 @@
+from services.curator.service import main
+
+main()
