@@ -425,6 +425,35 @@ def agent_set(agent_id: str, mode: str | None, tier: str | None, thresholds: tup
     console.print(f"{agent_id}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
 
 
+@main.command()
+@click.argument("agent_id")
+@friendly_errors
+def models(agent_id: str) -> None:
+    """An agent's student versions with their metrics and gate verdicts."""
+    from services.trainer.service import models_text
+
+    console.print(models_text(_settings(), agent_id), highlight=False, markup=False)
+
+
+@main.command()
+@click.argument("agent_id")
+@click.argument("version", type=int, required=False)
+@friendly_errors
+def rollback(agent_id: str, version: int | None) -> None:
+    """Serve an earlier student version again (the one before the current, or VERSION)."""
+    import asyncio
+
+    from services.trainer.models import RollbackError
+    from services.trainer.service import rollback_and_emit
+
+    try:
+        event = asyncio.run(rollback_and_emit(_settings(), agent_id, version))
+    except RollbackError as exc:
+        raise click.UsageError(str(exc)) from None
+    target = event.lineage.get("rolled_back_to", "?")
+    console.print(f"{agent_id}: rolled back to version {target}, now serving as Triton version {event.model_version}")
+
+
 @main.command("run")
 @click.argument("service", type=click.Choice(["router", "logger", "teacher", "curator", "trainer"]))
 def run_service(service: str) -> None:

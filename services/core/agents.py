@@ -99,8 +99,8 @@ class Distillation(_Strict):
 
 class Validation(_Strict):
     holdout_fraction: float = Field(0.15, gt=0, lt=1)
-    quality_threshold: float = Field(0.92, gt=0, le=1)
-    format_threshold: float = Field(0.95, gt=0, le=1)
+    quality_threshold: float = Field(0.92, ge=0, le=1)
+    format_threshold: float = Field(0.95, ge=0, le=1)
     gate_mode: Literal["overall", "selective"] = "overall"
     min_coverage: float = Field(0.5, gt=0, le=1)
     metrics: list[str] = Field(

@@ -47,6 +47,15 @@ class Batcher(Generic[T]):
         self.items.append(item)
         self.nbytes += nbytes
 
+    def extend(self, items: list[T], nbytes: int = 0) -> None:
+        """Add many at once (the hot path: one call per partition read, not per record)."""
+        if not items:
+            return
+        if self.opened_at is None:
+            self.opened_at = self.clock()
+        self.items.extend(items)
+        self.nbytes += nbytes
+
     def age(self) -> float:
         return 0.0 if self.opened_at is None else self.clock() - self.opened_at
 

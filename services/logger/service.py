@@ -4,8 +4,10 @@
 
 At least once, never twice: offsets are committed only after the batch is in ClickHouse (and its dead
 letters are acknowledged), and the sink leaves out records already stored, so a replay after a crash or a
-rebalance writes nothing twice. Batches are written when they are full or old enough (``batching``), one
-write in flight while the next batch is read.
+rebalance writes nothing twice. Batches are written when they are full or old enough (``batching``). The
+interactions partitions are shared among ``insert_lanes`` lanes (partition % lanes), each with one write in
+flight while the next batch is read: a record's key is its request id, so repeats of a request always meet
+in the same lane, in order, and the duplicate check stays exact while the lanes write at once.
 
 Interactions take a fast path: a record in the latest schema version is passed on as its Avro body, never
 decoded here (ClickHouse decodes it, see ``sink``). Anything else on the topic is decoded by the codec: an
@@ -25,17 +27,18 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Awaitable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.core import topics
-from services.core.codec import HEADER_LEN, MAGIC, AvroCodec, DecodeError
+from services.core.codec import MAGIC, AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
 from services.core.kafka import (
     Batch,
@@ -56,15 +59,17 @@ from services.logger.sink import InteractionSink, LifecycleSink, RetryPolicy, Si
 log = logging.getLogger("flywheel.logger")
 SERVICE = "logger"
 POLL_S = 0.5  # the longest a read waits, so a stop request is noticed within it
-T = TypeVar("T")
+REVOKE_WAIT_S = 30.0  # how long a rebalance waits for the writes in flight of the partitions leaving
 
-# One interactions entry: the Kafka record, and the Avro body to write (None when it was dead-lettered).
-Entry = tuple[ConsumerRecord, "bytes | memoryview | None"]
 LIFECYCLE: tuple[tuple[TopicSpec, TableSpec], ...] = (
     (topics.MODELS, MODEL_EVENTS),
     (topics.DATASETS, DATASETS),
     (topics.RETRAIN, RETRAIN_EVENTS),
 )
+
+
+class LoggerFailed(RuntimeError):
+    """A loop of the logger failed on something other than a stop request (see the log for its traceback)."""
 
 
 class LoggerConfig(BaseSettings):
@@ -73,10 +78,16 @@ class LoggerConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FLYWHEEL_LOGGER_", extra="forbid")
 
     group_id: str = "flywheel-logger"
-    max_batch_rows: int = Field(5000, ge=1, description="write a batch once it holds this many records")
+    # Measured (benchmarks/bench_logger.py): per-insert costs dominate below ~20,000 rows (5,000-row batches
+    # write at about 60 % of the rate); the age bound keeps light traffic fresh whatever the size.
+    max_batch_rows: int = Field(20_000, ge=1, description="write a batch once it holds this many records")
     max_batch_age_ms: float = Field(200.0, ge=0, description="... or once its oldest record waited this long")
     max_batch_bytes: int = Field(64 << 20, ge=1, description="... or once it holds this many bytes")
     lifecycle_batch_rows: int = Field(1000, ge=1)
+    # Writes in flight at once, each for its own share of the partitions (partition % lanes), so a request id
+    # (the record key) is always written by the same lane, in order, and the duplicate check stays exact.
+    # One ClickHouse insert is mostly single-threaded: a second lane uses a second core.
+    insert_lanes: int = Field(2, ge=1, le=64)
     dedupe_window_s: float = Field(
         900.0, ge=0, description="a different record for a stored request id is skipped within this distance"
     )
@@ -87,7 +98,24 @@ class LoggerConfig(BaseSettings):
     # The group coordinator waits up to about half of this for members when a consumer joins, and a killed
     # logger's partitions move to a new one after it: lower it for faster restarts on a quiet machine.
     kafka_session_timeout_ms: int = Field(10_000, ge=1000)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @classmethod
+    def load(cls, **overrides: Any) -> LoggerConfig:
+        """Build the config, with one message that names each bad key and its variable."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = [
+                f"{'.'.join(map(str, e['loc']))} (FLYWHEEL_LOGGER_{'_'.join(map(str, e['loc'])).upper()}): {e['msg']}"
+                for e in exc.errors()
+            ]
+            raise SettingsError("bad logger settings: " + "; ".join(problems)) from exc
 
     def policy(self) -> BatchPolicy:
         return BatchPolicy(self.max_batch_rows, self.max_batch_age_ms / 1000, self.max_batch_bytes)
@@ -104,18 +132,48 @@ class LoggerConfig(BaseSettings):
 
 
 class _Assigned(ConsumerRebalanceListener):
-    """Notes the first partition assignment (readiness). Revocations need nothing: a batch committed after
-    its partitions moved fails to commit, its records are re-read by the new owner, and the sink skips the
-    rows that are already stored."""
+    """Notes the first partition assignment (readiness), and lets the logger release partitions that move to
+    another logger before they go (``on_revoke``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_revoke: Callable[[set[TopicPartition]], Awaitable[None]] | None = None) -> None:
         self.event = asyncio.Event()
+        self.on_revoke = on_revoke
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        return None
+        if self.on_revoke is not None and revoked:
+            await self.on_revoke(set(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self.event.set()
+
+
+@dataclass
+class _Lane:
+    """One share of the interactions partitions: its open batch and its write in flight."""
+
+    sink: InteractionSink
+    batcher: Batcher[ConsumerRecord]
+    positions: dict[TopicPartition, int] = field(default_factory=dict)
+    # Records off the hot path, by (partition, offset): the re-encoded record, or None if dead-lettered.
+    replaced: dict[tuple[int, int], bytes | None] = field(default_factory=dict)
+    acks: list[Awaitable[Any]] = field(default_factory=list)  # dead letters, acknowledged before the commit
+    inflight: asyncio.Task[None] | None = None
+
+    def drop(self, revoked: set[TopicPartition]) -> None:
+        """Forget the open batch's records of partitions that moved to another logger (it reads them again)."""
+        if not any(tp in revoked for tp in self.positions):
+            return
+        gone = {tp.partition for tp in revoked}
+        kept = [m for m in self.batcher.take() if TopicPartition(m.topic, m.partition) not in revoked]
+        self.batcher.extend(kept, sum(len(m.value or b"") for m in kept))
+        self.positions = {tp: pos for tp, pos in self.positions.items() if tp not in revoked}
+        self.replaced = {key: value for key, value in self.replaced.items() if key[0] not in gone}
+
+    async def settle(self) -> None:
+        """Wait for the write in flight, if any (its exception, e.g. SinkStopped, propagates)."""
+        task, self.inflight = self.inflight, None
+        if task is not None:
+            await task
 
 
 class Logger:
@@ -125,14 +183,19 @@ class Logger:
         self.codec = codec or AvroCodec()
         self.halt = threading.Event()  # ends the sinks' retry waits (they run in worker threads)
         retry = self.config.retry()
-        self.interaction_sink = InteractionSink(
-            settings, self.halt, retry, self.config.dedupe_window_s, codec=self.codec
-        )
+        self.interaction_sinks = [
+            InteractionSink(settings, self.halt, retry, self.config.dedupe_window_s, codec=self.codec)
+            for _ in range(self.config.insert_lanes)
+        ]
         self.lifecycle_sink = LifecycleSink(settings, self.halt, retry)
         latest = self.codec.latest[Interaction.SCHEMA]
         self.fast_prefix = MAGIC + latest.fingerprint
         self.totals: Counter[str] = Counter()
+        # Where the interactions loop spends its time: a reader that mostly waits for the previous write means
+        # ClickHouse is the bottleneck; one that mostly reads means Kafka or this process is.
+        self.busy: Counter[str] = Counter()
         self.publisher: Publisher | None = None
+        self._lanes: list[_Lane] = []
         # The three lifecycle loops share one sink, and a clickhouse-connect client is not for concurrent use.
         self._lifecycle_lock = threading.Lock()
 
@@ -149,7 +212,7 @@ class Logger:
             create_consumer(self.settings, f"{self.config.group_id}.{spec.table}", **options) for _, spec in LIFECYCLE
         ]
         consumers = [interactions, *lifecycle]
-        listeners = [_Assigned() for _ in consumers]
+        listeners = [_Assigned(self._release), *(_Assigned() for _ in lifecycle)]
         started: list[AIOKafkaProducer | AIOKafkaConsumer] = []
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -200,7 +263,8 @@ class Logger:
             for client in reversed(started):
                 with contextlib.suppress(Exception):
                     await client.stop()
-            self.interaction_sink.close()
+            for sink in self.interaction_sinks:
+                sink.close()
             self.lifecycle_sink.close()
             self._log_totals("stopped")
 
@@ -218,6 +282,7 @@ class Logger:
                 stop.set()
                 self.halt.set()
             await asyncio.gather(*tasks, return_exceptions=True)
+            fatal: list[BaseException] = []
             for task in tasks:
                 exc = None if task.cancelled() else task.exception()
                 if isinstance(exc, SinkStopped):
@@ -227,6 +292,10 @@ class Logger:
                     )
                 elif exc is not None:
                     log.error("logger: %s failed", task.get_name(), exc_info=exc)
+                    fatal.append(exc)
+            if fatal:
+                # A bug, not a stop: exit non-zero so whatever supervises the process sees it.
+                raise LoggerFailed(f"{len(fatal)} loop(s) failed; uncommitted records are re-read at the next start")
         finally:
             stopper.cancel()
 
@@ -258,41 +327,77 @@ class Logger:
 
     # Interactions ------------------------------------------------------------------------------
     async def _interactions_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
-        batcher: Batcher[Entry] = Batcher(self.config.policy())
-        positions: dict[TopicPartition, int] = {}
-        acks: list[Awaitable[Any]] = []  # dead letters produced for this batch, acknowledged before commit
-        inflight: asyncio.Task[None] | None = None
+        lanes = self._lanes = [_Lane(sink, Batcher(self.config.policy())) for sink in self.interaction_sinks]
         prefix = self.fast_prefix
+        read_max = self.config.max_batch_rows * len(lanes)
         try:
             while not stop.is_set():
-                wait_ms = max(1, int(min(batcher.wait_s(idle_s=POLL_S), POLL_S) * 1000))
-                got = await consumer.getmany(timeout_ms=wait_ms, max_records=batcher.room())
+                wait_s = min(min(lane.batcher.wait_s(idle_s=POLL_S) for lane in lanes), POLL_S)
+                read_started = time.perf_counter()
+                got = await consumer.getmany(timeout_ms=max(1, int(wait_s * 1000)), max_records=read_max)
+                self.busy["reading"] += time.perf_counter() - read_started
+                self.totals["interactions_read"] += sum(map(len, got.values()))
                 for tp, messages in got.items():
-                    for msg in messages:
-                        value = msg.value
-                        if value is not None and value.startswith(prefix):
-                            # The hot path: hand the body on untouched (ClickHouse decodes it).
-                            batcher.add((msg, memoryview(value)[HEADER_LEN:]), len(value))
-                        else:
-                            batcher.add((msg, await self._slow_path(msg, acks)), len(value or b""))
-                    positions[tp] = messages[-1].offset + 1
-                if batcher.due():
-                    if inflight is not None:
-                        await inflight  # one write in flight; a failure (SinkStopped) ends the loop here
-                    inflight = asyncio.create_task(self._flush_interactions(consumer, batcher.take(), positions, acks))
-                    positions, acks = {}, []
-            # Stopping: finish the write in flight, then write and commit what was read since.
-            if inflight is not None:
-                await inflight
-                inflight = None
-            if len(batcher):
-                await self._flush_interactions(consumer, batcher.take(), positions, acks)
+                    lane = lanes[tp.partition % len(lanes)]
+                    while messages:
+                        # Fill the lane's batch exactly to its size bound, write it, go on with the rest.
+                        part, messages = messages[: lane.batcher.room()], messages[lane.batcher.room() :]
+                        await self._add(lane, tp, part, prefix)
+                        if lane.batcher.full():
+                            await self._start_flush(consumer, lane)
+                for lane in lanes:
+                    if lane.batcher.due():
+                        await self._start_flush(consumer, lane)
+            # Stopping: finish the writes in flight, then write and commit what was read since.
+            for lane in lanes:
+                await lane.settle()
+            for lane in lanes:
+                if len(lane.batcher):
+                    await self._start_flush(consumer, lane)
+                    await lane.settle()
         finally:
-            if inflight is not None and not inflight.done():
-                # Only reached on an error: the thread's write cannot be interrupted; wait for its outcome
-                # so nothing is committed behind it.
+            # On an error (a lane's SinkStopped): the other lanes' writes cannot be interrupted; wait for
+            # their outcome, so nothing is left half done behind the process's exit.
+            for lane in lanes:
                 with contextlib.suppress(Exception):
-                    await inflight
+                    await lane.settle()
+
+    async def _release(self, revoked: set[TopicPartition]) -> None:
+        """Before partitions move to another logger (a rebalance): let the writes in flight finish and commit
+        while they are still ours, and drop the open batches' records of those partitions (the new owner
+        reads them again), so two loggers do not write the same records at once. Waits at most
+        REVOKE_WAIT_S (a write retrying through a ClickHouse outage must not hold the group for ever); after
+        that, or if records were in hand mid-read, the duplicate check and then the table's
+        ReplacingMergeTree key are what keep a record from counting twice."""
+        pending = [lane.inflight for lane in self._lanes if lane.inflight is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=REVOKE_WAIT_S)
+        for lane in self._lanes:
+            lane.drop(revoked)
+        log.info("logger: released %s", ", ".join(sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked)))
+
+    async def _add(self, lane: _Lane, tp: TopicPartition, messages: list[ConsumerRecord], prefix: bytes) -> None:
+        values = [m.value or b"" for m in messages]
+        # The hot path, a partition's read at a time: records in the latest schema version are handed on
+        # untouched (ClickHouse decodes them); nothing per record but this check.
+        if not all(v.startswith(prefix) for v in values):
+            for msg, value in zip(messages, values, strict=True):
+                if not value.startswith(prefix):
+                    lane.replaced[(msg.partition, msg.offset)] = await self._slow_path(msg, lane.acks)
+        lane.batcher.extend(messages, sum(map(len, values)))
+        lane.positions[tp] = messages[-1].offset + 1
+
+    async def _start_flush(self, consumer: AIOKafkaConsumer, lane: _Lane) -> None:
+        """Start writing the lane's batch, once its previous write is done (one in flight per lane)."""
+        if lane.inflight is not None:
+            blocked = time.perf_counter()
+            await lane.settle()  # a failure (SinkStopped) ends the loop here
+            self.busy["waiting_for_clickhouse"] += time.perf_counter() - blocked
+        flush = self._flush_interactions(
+            consumer, lane.sink, lane.batcher.take(), lane.replaced, lane.positions, lane.acks
+        )
+        lane.inflight = asyncio.create_task(flush)
+        lane.positions, lane.replaced, lane.acks = {}, {}, []
 
     async def _slow_path(self, msg: ConsumerRecord, acks: list[Awaitable[Any]]) -> bytes | None:
         """A record that is not in the latest schema version: re-encode it, or dead-letter it."""
@@ -302,27 +407,31 @@ class Logger:
             log.warning(
                 "logger: %s[%d]@%d to %s: %s", msg.topic, msg.partition, msg.offset, topics.INTERACTIONS.dlq.name, err
             )
-            acks.append(
-                await self._dead_letter(
-                    topics.INTERACTIONS.dlq, dead_letter_for(msg, err.kind, err.reason, SERVICE), msg.key
-                )
-            )
+            letter = dead_letter_for(msg, err.kind, err.reason, SERVICE)
+            acks.append(await self._dead_letter(topics.INTERACTIONS.dlq, letter, msg.key))
             return None
-        return self.codec.encode(record)[HEADER_LEN:]
+        return self.codec.encode(record)
 
     async def _flush_interactions(
         self,
         consumer: AIOKafkaConsumer,
-        entries: list[Entry],
+        sink: InteractionSink,
+        entries: list[ConsumerRecord],
+        replaced: dict[tuple[int, int], bytes | None],
         positions: dict[TopicPartition, int],
         acks: list[Awaitable[Any]],
     ) -> None:
         started = time.perf_counter()
-        kept = [i for i, (_, body) in enumerate(entries) if body is not None]
-        bodies = [entries[i][1] for i in kept]
-        result = await asyncio.to_thread(self.interaction_sink.write, bodies)  # type: ignore[arg-type]
+        kept: list[int] | None = None  # positions in `entries` of the records written, when some were left out
+        if replaced:
+            values = [replaced.get((m.partition, m.offset), m.value) for m in entries]
+            kept = [i for i, v in enumerate(values) if v is not None]
+            records = [values[i] for i in kept]
+        else:
+            records = [m.value for m in entries]
+        result = await asyncio.to_thread(sink.write, records)  # type: ignore[arg-type]
         for rejected in result.rejected:
-            msg = entries[kept[rejected.index]][0]
+            msg = entries[rejected.index if kept is None else kept[rejected.index]]
             log.error(
                 "logger: %s[%d]@%d to %s: %s: %s",
                 msg.topic,
@@ -337,13 +446,14 @@ class Logger:
         for ack in acks:
             await ack
         await self._commit(consumer, positions)
-        self._count("interactions", len(entries), result, dead_letters=len(entries) - len(bodies))
+        dead = len(entries) - len(records)
+        self._count("interactions", len(entries), result, dead_letters=dead)
         log.debug(
             "logger: interactions: %d read, %d written, %d duplicates, %d dead-lettered in %.1f ms",
             len(entries),
             result.written,
             result.duplicates,
-            len(entries) - len(bodies) + len(result.rejected),
+            dead + len(result.rejected),
             (time.perf_counter() - started) * 1000,
         )
 
@@ -440,7 +550,16 @@ class Logger:
             for table in ("interactions", *(spec.table for _, spec in LIFECYCLE))
             if t[f"{table}_received"] or t[f"{table}_dead_letters"]
         ]
+        if t["interactions_read"]:
+            # Read but not yet written: the open batches and the writes in flight.
+            parts.insert(0, f"interactions read {t['interactions_read']}")
         log.info("logger: %s; %s", note, "; ".join(parts) or "nothing written yet")
+        if self.busy:
+            log.debug(
+                "logger: interactions loop: %.1f s reading, %.1f s waiting for the previous write",
+                self.busy["reading"],
+                self.busy["waiting_for_clickhouse"],
+            )
 
 
 async def _main(settings: Settings, config: LoggerConfig) -> None:
@@ -453,15 +572,19 @@ async def _main(settings: Settings, config: LoggerConfig) -> None:
 
 def main() -> None:
     try:
-        config = LoggerConfig()
+        config = LoggerConfig.load()
         settings = Settings.load()
-    except (SettingsError, ValueError) as exc:
+    except SettingsError as exc:
         logging.basicConfig(level=logging.INFO)
         logging.getLogger("flywheel.logger").error("logger: %s", exc)
         sys.exit(2)
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if config.log_level.upper() == "DEBUG":
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if config.log_level == "DEBUG":
         # The flush lines, not the clients' chatter.
         logging.getLogger("aiokafka").setLevel(logging.INFO)
         logging.getLogger("clickhouse_connect").setLevel(logging.INFO)
-    asyncio.run(_main(settings, config))
+    try:
+        asyncio.run(_main(settings, config))
+    except LoggerFailed as exc:
+        log.error("logger: %s", exc)
+        sys.exit(1)

@@ -1,7 +1,7 @@
 """The logger's ClickHouse writes: idempotent batch inserts that retry until they succeed.
 
-Interactions (the hot path): the batch's Avro bodies, wrapped in one object container (``framing``), are
-loaded into a session's temporary staging table, then one ``INSERT ... SELECT`` maps them onto
+Interactions (the hot path): the batch's Avro records, their bodies wrapped in one object container
+(``framing``), are loaded into a session's temporary staging table, then one ``INSERT ... SELECT`` maps them onto
 ``interactions`` (``rows.INTERACTION_SELECT``), leaving out
 
 * request ids already in the table: looked up within the batch's agents and time span (plus
@@ -10,8 +10,11 @@ loaded into a session's temporary staging table, then one ``INSERT ... SELECT`` 
   found; a *different* record for a stored request id (a request served twice) is found within the window;
 * repeats inside the batch (``LIMIT 1 BY request_id``).
 
-So a plain ``count()`` is exact, not only ``FINAL``. All of it runs in ClickHouse, in one statement after
-the load: nothing is decoded in Python.
+So a plain ``count()`` is exact, not only ``FINAL``, as long as one writer at a time handles a request id:
+the logger's lanes split the partitions (the record key is the request id), and a rebalance lets the writes
+in flight finish first (``service``). The table's ReplacingMergeTree key stays the backstop. All of it runs
+in ClickHouse, in one statement after the load: nothing is decoded in Python. The staging table lives in an
+HTTP session: behind a load balancer in front of several ClickHouse servers, sessions must be sticky.
 
 Lifecycle events (a few a day): typed records → rows (``rows``) → ``client.insert``, skipping event ids
 already in the table (one lookup a batch).
@@ -20,7 +23,7 @@ Failures. Nothing here commits offsets; a write returns only once its rows are d
 after it. ClickHouse unreachable, or a server-side failure that is not about the data (out of memory, a
 missing table...): logged with the URL and retried with backoff, for as long as it takes (nothing lost,
 nothing skipped). Data that ClickHouse refuses (parse errors, type mismatches: a bug upstream): retried
-``data_attempts`` times, then isolated: bodies the Python codec cannot decode are rejected with the codec's
+``data_attempts`` times, then isolated: records the Python codec cannot decode are rejected with the codec's
 reason, the rest is bisected until the rows ClickHouse refuses are found; those come back as ``rejected``
 (the caller sends them to the DLQ) and every other row is written. A stop request (SIGTERM) ends the retries
 with ``SinkStopped``: the batch was not written and must not be committed.
@@ -46,7 +49,7 @@ from clickhouse_connect.driver.exceptions import (
 )
 
 from services.core.clickhouse import ClickHouseUnavailable, client
-from services.core.codec import MAGIC, AvroCodec, DecodeError
+from services.core.codec import HEADER_LEN, MAGIC, AvroCodec, DecodeError
 from services.core.records import Interaction, Record
 from services.logger.framing import ContainerWriter, clickhouse_structure, compact_schema_json
 from services.logger.rows import (
@@ -65,6 +68,12 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 STAGING_TABLE = "logger_staging"
+INSERT_SETTINGS = {
+    **INTERACTION_SELECT_SETTINGS,
+    # ReplacingMergeTree would collapse rows with equal keys inside each inserted block; the INSERT already
+    # keeps one row per request id (LIMIT 1 BY), so skip that pass (about 20 % more rows/s, measured).
+    "optimize_on_insert": 0,
+}
 REJECTED = "rejected"  # DeadLetter.error_kind of rows that ClickHouse refused
 
 # Server error codes that mean "this data is wrong" (retrying cannot help; the rows go to the DLQ once
@@ -110,7 +119,9 @@ def server_code(exc: BaseException) -> int | None:
 def classify(exc: BaseException) -> ErrorClass:
     if isinstance(exc, OperationalError | ClickHouseUnavailable | OSError):
         return ErrorClass.CONNECTIVITY
-    if isinstance(exc, DataError | ProgrammingError | TypeError | ValueError):
+    if isinstance(exc, ProgrammingError):
+        return ErrorClass.SERVER  # our SQL or column list against this table: every row would fail alike
+    if isinstance(exc, DataError | TypeError | ValueError):
         return ErrorClass.DATA  # clickhouse-connect could not encode a value for its column
     if isinstance(exc, DatabaseError):
         code = server_code(exc)
@@ -267,7 +278,8 @@ def _short(exc: BaseException, limit: int = 500) -> str:
 
 
 class InteractionSink(_Writer):
-    """Writes batches of Avro bodies (latest interaction schema, single-object header removed)."""
+    """Writes batches of interaction records, single-object encoded in the latest schema version (the caller
+    checked the header: ``prefix``)."""
 
     def __init__(
         self,
@@ -301,40 +313,40 @@ class InteractionSink(_Writer):
     def _create_staging(self, ch: Client) -> None:
         ch.command(f"CREATE TEMPORARY TABLE IF NOT EXISTS {STAGING_TABLE} ({self.staging_structure}) ENGINE = Memory")
 
-    def write(self, bodies: Sequence[bytes | memoryview]) -> WriteResult:
+    def write(self, records: Sequence[bytes]) -> WriteResult:
         """Write the batch; returns once every row is in ClickHouse (or rejected). Raises SinkStopped."""
-        if not bodies:
+        if not records:
             return WriteResult(0, 0)
         try:
-            written = self.attempt(lambda: self._insert(bodies), f"insert of {len(bodies)} interactions")
-            return WriteResult(len(bodies), written)
+            written = self.attempt(lambda: self._insert(records), f"insert of {len(records)} interactions")
+            return WriteResult(len(records), written)
         except DataRejected as exc:
             log.error(
                 "logger: ClickHouse refuses a batch of %d interactions as data (%s); finding the records at fault",
-                len(bodies),
+                len(records),
                 exc.reason,
             )
         rejected: list[Rejected] = []
         decodable: list[int] = []
-        for index, body in enumerate(bodies):
+        for index, data in enumerate(records):
             try:
-                self.codec.decode(self.prefix + bytes(body), Interaction)
+                self.codec.decode(data, Interaction)
             except DecodeError as err:
                 rejected.append(Rejected(index, err.kind, err.reason))
             else:
                 decodable.append(index)
 
         def insert(positions: list[int]) -> int:
-            return self._insert([bodies[decodable[p]] for p in positions])
+            return self._insert([records[decodable[p]] for p in positions])
 
         def reject(position: int, reason: str) -> None:
             rejected.append(Rejected(decodable[position], REJECTED, reason))
 
         written = self.write_isolating(len(decodable), insert, "interactions", reject) if decodable else 0
         rejected.sort(key=lambda r: r.index)
-        return WriteResult(len(bodies), written, rejected)
+        return WriteResult(len(records), written, rejected)
 
-    def _insert(self, bodies: Sequence[bytes | memoryview]) -> int:
+    def _insert(self, records: Sequence[bytes]) -> int:
         ch = self.ch
         try:
             ch.command(f"TRUNCATE TABLE {STAGING_TABLE}")  # leftovers of a failed try
@@ -342,10 +354,11 @@ class InteractionSink(_Writer):
             if server_code(exc) != UNKNOWN_TABLE:
                 raise
             self._create_staging(ch)  # the session expired while idle, and its table with it
-        ch.raw_insert(STAGING_TABLE, None, self.container.container(bodies), fmt="Avro")
-        summary = ch.query(self.insert_sql, settings=INTERACTION_SELECT_SETTINGS).summary
+        container = self.container.container(records, skip=HEADER_LEN)
+        ch.raw_insert(STAGING_TABLE, None, container, fmt="Avro")
+        summary = ch.query(self.insert_sql, settings=INSERT_SETTINGS).summary
         # A server that reports no summary (some proxies): count every row as written.
-        return int(summary.get("written_rows", len(bodies)))
+        return int(summary.get("written_rows", len(records)))
 
 
 def interaction_insert_sql(dedupe_window_s: float) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 
 import pytest
-from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError
+from clickhouse_connect.driver.exceptions import DatabaseError, OperationalError, ProgrammingError
 
 from services.core.settings import Settings
 from services.logger.batching import Batcher, BatchPolicy
@@ -118,6 +118,7 @@ def test_errors_are_classified_by_what_retrying_can_fix() -> None:
     assert classify(data_error(241)) is ErrorClass.SERVER  # MEMORY_LIMIT_EXCEEDED
     assert classify(DatabaseError("HTTP 502 Bad Gateway")) is ErrorClass.CONNECTIVITY
     assert classify(TypeError("cannot encode")) is ErrorClass.DATA
+    assert classify(ProgrammingError("Unrecognized column 'x' in table")) is ErrorClass.SERVER  # our bug
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

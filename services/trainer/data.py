@@ -1,0 +1,242 @@
+"""Reading a curated snapshot and turning it into training tensors (loss on the answer tokens only).
+
+Snapshot layout (written by the curator; ``write_snapshot`` below writes the same layout for tests and
+benchmarks)::
+
+    <artifacts>/datasets/<agent_id>/<snapshot_id>/
+        train.jsonl, holdout.jsonl   {"request_id", "intent", "messages": [{"role","content"}...],
+                                      "target": "<teacher answer text>", "gold": "<gold intent or null>"}
+        manifest.json                DatasetSnapshot fields, counts, filter stats, the stage-1 prompt
+        prompt.json                  {"system_prompt": str, "few_shot": [[user turn, assistant turn]...]}
+
+Prompts are rendered by the serving code's ``render_prompt`` (``student_runtime()``), so a student is trained
+on exactly the text Triton will feed it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IGNORE = -100  # label of tokens the loss ignores (prompt, padding)
+LABEL_PREFIX = '{"intent": "'  # the answer text after which the intent label is constrained
+LABEL_SUFFIX = '"'
+# Stage 2 trains on a short system prompt: the fine-tuned student no longer needs the stage-1 prompt's tool
+# list and few-shot examples, and every prompt token costs training time on two cores (the answer format is
+# learnt from the targets; valid labels are enforced by constrained decoding).
+COMPACT_SYSTEM_PROMPT = "Classify the customer message. Answer with JSON: intent, tool, arguments, reply."
+
+
+@dataclass(frozen=True)
+class Example:
+    request_id: str
+    intent: str | None
+    messages: list[dict[str, str]]
+    target: str
+    gold: str | None = None
+
+
+@dataclass(frozen=True)
+class StagePrompt:
+    """The stage-1 prompt of a snapshot (the curator's ``StudentPrompt`` shape)."""
+
+    system_prompt: str = ""
+    few_shot: list[list[dict[str, str]]] = field(default_factory=list)  # each: [user turn, assistant turn]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StagePrompt:
+        shots = list(data.get("few_shot") or [])
+        if shots and isinstance(shots[0], dict):  # a flat list of turns: one group
+            shots = [shots]
+        return cls(str(data.get("system_prompt") or ""), [list(turns) for turns in shots])
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    path: Path
+    manifest: dict[str, Any]
+    prompt: StagePrompt
+    train: list[Example]
+    holdout: list[Example]
+
+    @property
+    def snapshot_id(self) -> str:
+        return str(self.manifest.get("snapshot_id") or self.path.name)
+
+    @property
+    def agent_id(self) -> str:
+        return str(self.manifest.get("agent_id") or self.path.parent.name)
+
+
+def _read_jsonl(path: Path) -> list[Example]:
+    out = []
+    if not path.is_file():
+        return out
+    for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out.append(
+                Example(
+                    request_id=str(row["request_id"]),
+                    intent=row.get("intent"),
+                    messages=[{"role": m["role"], "content": m.get("content") or ""} for m in row["messages"]],
+                    target=str(row["target"]),
+                    gold=row.get("gold"),
+                )
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}:{line_no}: not a snapshot row ({exc})") from exc
+    return out
+
+
+def read_snapshot(path: Path | str) -> Snapshot:
+    """Read a snapshot directory (``DatasetSnapshot.uri``; a ``file://`` URL is accepted)."""
+    folder = Path(str(path).removeprefix("file://"))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"snapshot directory {folder} does not exist")
+    manifest_path, prompt_path = folder / "manifest.json", folder / "prompt.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    raw_prompt = json.loads(prompt_path.read_text()) if prompt_path.is_file() else {}
+    prompt = StagePrompt.from_dict(raw_prompt)
+    train = _read_jsonl(folder / "train.jsonl")
+    if not train:
+        raise ValueError(f"snapshot {folder} has no training examples (train.jsonl)")
+    return Snapshot(folder, manifest, prompt, train, _read_jsonl(folder / "holdout.jsonl"))
+
+
+def write_snapshot(
+    folder: Path, manifest: dict[str, Any], prompt: StagePrompt, train: Sequence[Example], holdout: Sequence[Example]
+) -> Path:
+    """Write a snapshot in the curator's layout (tests and benchmarks; the curator owns real snapshots)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("holdout.jsonl", holdout)):
+        lines = [
+            json.dumps(
+                {"request_id": e.request_id, "intent": e.intent, "messages": e.messages, "target": e.target,
+                 "gold": e.gold},
+                ensure_ascii=False,
+                sort_keys=True,
+            )
+            for e in rows
+        ]
+        (folder / name).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    (folder / "prompt.json").write_text(
+        json.dumps({"system_prompt": prompt.system_prompt, "few_shot": prompt.few_shot}, indent=2) + "\n"
+    )
+    return folder
+
+
+# Messages ---------------------------------------------------------------------------------------------------
+def student_messages(prompt: StagePrompt, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Stage-1 messages: the snapshot's system prompt, its few-shot turns, then the conversation. The curator's
+    ``services.curator.prompt.student_messages`` is used when it exists, so both sides build them one way."""
+    try:
+        from services.curator.prompt import StudentPrompt
+        from services.curator.prompt import student_messages as curator_messages
+    except ImportError:  # the curator is optional for the trainer's own tests
+        head = [{"role": "system", "content": prompt.system_prompt}] if prompt.system_prompt else []
+        return [*head, *(turn for turns in prompt.few_shot for turn in turns), *messages]
+    return list(curator_messages(StudentPrompt(prompt.system_prompt, prompt.few_shot), messages))
+
+
+def training_messages(messages: list[dict[str, str]], system_prompt: str) -> list[dict[str, str]]:
+    """Stage-2 messages: the conversation behind one (short) system prompt, which the published spec also
+    carries, so serving prepends exactly it to the router's messages."""
+    if messages and messages[0].get("role") == "system":
+        return list(messages)
+    return [{"role": "system", "content": system_prompt}, *messages] if system_prompt else list(messages)
+
+
+def prompt_json(messages: list[dict[str, str]]) -> str:
+    """The PROMPT string Triton receives for these messages (as ``services.core.student.prompt_json``)."""
+    return json.dumps(messages, ensure_ascii=False)
+
+
+# Tokenisation -----------------------------------------------------------------------------------------------
+def target_segments(target: str, prefix: str = LABEL_PREFIX, suffix: str = LABEL_SUFFIX) -> list[str]:
+    """The answer split where constrained decoding splits it: [text up to and including the label prefix,
+    label + suffix, the rest]. Tokenising the pieces separately makes the trained token sequence the one
+    the serving constraint produces (BPE would otherwise merge the closing quote with the next comma)."""
+    if not prefix or not target.startswith(prefix):
+        return [target]
+    end = target.find(suffix, len(prefix)) if suffix else -1
+    if end < 0:
+        return [target]
+    cut = end + len(suffix)
+    pieces = [prefix, target[len(prefix) : cut], target[cut:]]
+    return [p for p in pieces if p]
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def encode_example(
+    tokenizer: Any,
+    prompt_text: str,
+    target: str,
+    eos_id: int,
+    max_len: int,
+    prefix: str = LABEL_PREFIX,
+    suffix: str = LABEL_SUFFIX,
+) -> Encoded | None:
+    """Prompt + answer + EOS as ids, labels IGNORE on the prompt. The prompt text is chat-rendered (its
+    special tokens are in the text), so it is encoded without adding more. When too long, the prompt is cut
+    from the left (the answer is what is learnt); None when even the answer does not fit."""
+    prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+    answer_ids: list[int] = []
+    for piece in target_segments(target, prefix, suffix):
+        answer_ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+    answer_ids.append(eos_id)
+    if len(answer_ids) >= max_len:
+        return None
+    keep = max_len - len(answer_ids)
+    prompt_ids = prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+
+
+def batches(
+    items: Sequence[Encoded], batch_size: int, seed: int, bucket: int = 16
+) -> list[list[Encoded]]:
+    """One epoch's batches: shuffled with ``seed``, then within windows of ``bucket`` batches sorted by length
+    so a batch pads little (padding is wasted compute on CPU), then the batches shuffled again."""
+    rng = random.Random(seed)
+    order = list(items)
+    rng.shuffle(order)
+    out: list[list[Encoded]] = []
+    window = batch_size * bucket
+    for begin in range(0, len(order), window):
+        chunk = sorted(order[begin : begin + window], key=lambda e: len(e.input_ids))
+        out.extend(chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size))
+    rng.shuffle(out)
+    return out
+
+
+def collate(batch: Iterable[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding)."""
+    import torch
+
+    rows = list(batch)
+    width = max(len(e.input_ids) for e in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, e in enumerate(rows):
+        n = len(e.input_ids)
+        ids[i, :n] = torch.tensor(e.input_ids)
+        labels[i, :n] = torch.tensor(e.labels)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}

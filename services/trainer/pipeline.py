@@ -1,0 +1,223 @@
+"""One training job, start to finish: snapshot → base → LoRA → holdout evaluation → calibration → gate.
+
+Kept free of Kafka so tests, the benchmark and the service run the same code; ``publish.py`` turns the
+result into a Triton version and ``ModelEvent`` records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from services.core.agents import AgentConfig
+from services.core.model_repository import student_runtime
+from services.core.records import GateVerdict
+from services.trainer import data as D
+from services.trainer.base_model import ResolvedBase, load_model_and_tokenizer, prepare_base
+from services.trainer.calibrate import Calibration, calibrate_threshold
+from services.trainer.evaluate import HoldoutReport, answer_intent, evaluate_holdout, percentile
+from services.trainer.gate import GateInputs, decide
+from services.trainer.train import TrainResult, merge_adapter, train_lora
+
+log = logging.getLogger("flywheel.trainer")
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    system_prompt: str = D.COMPACT_SYSTEM_PROMPT  # stage-2 prompt, also published in the spec
+    eval_batch_size: int = 8
+    max_holdout: int | None = None  # cap on holdout answers generated (time budget)
+    max_steps: int | None = None  # cap on optimizer steps (tests)
+    min_calibration_support: int = 5  # answers a calibrated threshold must keep at least
+
+
+@dataclass
+class JobResult:
+    agent_id: str
+    snapshot_id: str
+    base: ResolvedBase
+    run_dir: Path
+    adapter_dir: Path
+    publish_dir: Path  # the adapter, or the merged model when distillation.merge_adapter
+    merged: bool
+    labels: list[str]
+    max_new_tokens: int
+    system_prompt: str
+    train: TrainResult
+    report: HoldoutReport
+    calibration: Calibration
+    verdict: GateVerdict
+    config_hash: str
+    holdout_prompts: list[str] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, float]:
+        """What the ModelEvent carries (floats only, by the schema)."""
+        out = {
+            "agreement": self.report.agreement,
+            "format_compliance": self.report.format_compliance,
+            "selective_agreement": self.calibration.selective_agreement,
+            "coverage": self.calibration.coverage,
+            "holdout_size": float(self.report.size),
+            "train_examples": float(self.train.examples_seen),
+            "train_steps": float(self.train.steps),
+            "train_seconds": self.train.seconds,
+            "train_loss": self.train.mean_loss_last_epoch,
+            "eval_latency_p95_ms": percentile(self.report.latencies_ms, 95),
+        }
+        if self.report.task_accuracy is not None:
+            out["task_accuracy"] = self.report.task_accuracy
+        return {k: float(v) for k, v in out.items() if v == v}  # drop NaN
+
+    def report_json(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id,
+            "snapshot_id": self.snapshot_id,
+            "base_model": self.base.name,
+            "base_path": self.base.path,
+            "config_hash": self.config_hash,
+            "metrics": self.metrics(),
+            "confidence_threshold": self.calibration.threshold,
+            "gate": self.verdict.model_dump(),
+            "labels": self.labels,
+            "answers": [
+                {"request_id": j.request_id, "answer": j.answer, "confidence": j.confidence, "agreed": j.agreed,
+                 "compliant": j.compliant, "correct": j.correct}
+                for j in self.report.judged
+            ],
+        }
+
+
+def config_hash(agent: AgentConfig, options: JobOptions) -> str:
+    blob = json.dumps(
+        {"distillation": agent.distillation.model_dump(), "validation": agent.validation.model_dump(),
+         "system_prompt": options.system_prompt},
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def labels_of(examples: Sequence[D.Example]) -> list[str]:
+    """The intent labels decoding is constrained to: those the training targets use (the student can only
+    have learnt these; an unseen intent is the drift monitor's business, not a label to guess)."""
+    return sorted({i for i in (answer_intent(e.target) for e in examples) if i})
+
+
+def student_spec(
+    base_path: str, adapter: str | None, labels: Sequence[str], system_prompt: str | None, max_new_tokens: int
+) -> dict[str, Any]:
+    """The spec dict ``StudentGenerator`` (and Triton, via spec.json) serves."""
+    return {
+        "base_model": base_path,
+        "adapter_path": adapter,
+        "labels": list(labels),
+        "label_prefix": D.LABEL_PREFIX if labels else "",
+        "label_suffix": D.LABEL_SUFFIX if labels else "",
+        "system_prompt": system_prompt,
+        "max_new_tokens": max_new_tokens,
+        "dtype": "float32",
+    }
+
+
+def eos_for_training(model: Any, tokenizer: Any) -> int:
+    """The token that ends an assistant turn: the generation config's EOS when it has one (SmolLM2's
+    <|im_end|>), else the tokenizer's."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen, list | tuple) and gen:
+        gen = gen[0]
+    if isinstance(gen, int):
+        return gen
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: answers would never end")
+    return int(tokenizer.eos_token_id)
+
+
+def run_job(
+    agent: AgentConfig,
+    snapshot: D.Snapshot,
+    artifacts: Path,
+    options: JobOptions | None = None,
+    progress: Callable[[dict[str, float]], None] | None = None,
+) -> JobResult:
+    options = options or JobOptions()
+    cfg = agent.distillation
+    chash = config_hash(agent, options)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ")
+    run_dir = Path(artifacts) / "runs" / agent.agent_id / f"{snapshot.snapshot_id}-{chash}-{stamp}"
+    run_dir.mkdir(parents=True, exist_ok=False)  # never overwritten
+
+    base = prepare_base(cfg.base_model, cfg.gguf_file, Path(artifacts) / "base_models")
+    t0 = time.monotonic()
+    model, tokenizer = load_model_and_tokenizer(base.path, base.gguf_file)
+    log.info("base %s loaded from %s in %.1fs", base.name, base.path, time.monotonic() - t0)
+    render = student_runtime().render_prompt
+    eos_id = eos_for_training(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+
+    train_examples = snapshot.train[: cfg.max_train_examples] if cfg.max_train_examples else snapshot.train
+    encoded = []
+    skipped = 0
+    for ex in train_examples:
+        text = render(tokenizer, ex.messages, options.system_prompt)
+        item = D.encode_example(tokenizer, text, ex.target, eos_id, cfg.max_seq_len)
+        if item is None:
+            skipped += 1
+        else:
+            encoded.append(item)
+    if not encoded:
+        raise ValueError(f"no training example fits max_seq_len {cfg.max_seq_len}")
+    if skipped:
+        log.warning("%d training examples longer than max_seq_len %d were skipped", skipped, cfg.max_seq_len)
+    answer_lengths = sorted(e.answer_tokens for e in encoded)
+    # Room for the longest trained answer plus a margin: a tight limit bounds a runaway answer's latency.
+    max_new_tokens = min(256, answer_lengths[-1] + 16)
+
+    train = train_lora(model, encoded, cfg, pad_id, run_dir / "adapter", progress=progress,
+                       max_steps=options.max_steps)
+    del model
+    labels = labels_of(train_examples)
+    publish_dir, merged = train.adapter_dir, False
+    if cfg.merge_adapter:
+        publish_dir, merged = merge_adapter(base.path, train.adapter_dir, run_dir / "merged"), True
+
+    holdout = snapshot.holdout[: options.max_holdout] if options.max_holdout else snapshot.holdout
+    prompts = [D.prompt_json(ex.messages) for ex in holdout]
+    spec = student_spec(
+        str(publish_dir) if merged else base.path,
+        None if merged else str(train.adapter_dir),
+        labels, options.system_prompt, max_new_tokens,
+    )
+    generator = student_runtime().StudentGenerator(spec)
+    t0 = time.monotonic()
+    report = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
+    log.info("holdout: %d answers in %.1fs, agreement %.4f, format %.4f", report.size, time.monotonic() - t0,
+             report.agreement, report.format_compliance)
+    calibration = calibrate_threshold(
+        report.scored, agent.validation.quality_threshold, min(options.min_calibration_support, report.size or 1)
+    )
+    verdict = decide(
+        GateInputs(
+            agreement=report.agreement,
+            format_compliance=report.format_compliance,
+            selective_agreement=calibration.selective_agreement,
+            coverage=calibration.coverage,
+            holdout_size=report.size,
+            confidence_threshold=calibration.threshold,
+        ),
+        agent.validation,
+    )
+    result = JobResult(
+        agent_id=agent.agent_id, snapshot_id=snapshot.snapshot_id, base=base, run_dir=run_dir,
+        adapter_dir=train.adapter_dir, publish_dir=publish_dir, merged=merged, labels=labels,
+        max_new_tokens=max_new_tokens, system_prompt=options.system_prompt, train=train, report=report,
+        calibration=calibration, verdict=verdict, config_hash=chash, holdout_prompts=prompts,
+    )
+    (run_dir / "report.json").write_text(json.dumps(result.report_json(), indent=2, default=str) + "\n")
+    log.info("gate (%s): %s %s", verdict.mode, "PASSED" if verdict.passed else "FAILED", "; ".join(verdict.reasons))
+    return result

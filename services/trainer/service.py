@@ -1,0 +1,167 @@
+"""The trainer service: consumes ``flywheel.datasets``; for each snapshot trains, evaluates, gates and
+publishes (one job at a time), emitting ``ModelEvent`` records on ``flywheel.models``.
+
+A snapshot's offset is committed only after its job finished (promoted or rejected), so a trainer that dies
+mid-job trains that snapshot again after a restart. When several snapshots of one agent are waiting, only the
+newest is trained: the older ones are superseded by it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+from services.core import topics
+from services.core.agents import AgentConfig, AgentsFile, UnknownAgentError, load_agents
+from services.core.codec import AvroCodec
+from services.core.health import clear_ready, mark_ready
+from services.core.kafka import Publisher, TopicReader, create_consumer, create_producer
+from services.core.model_repository import ModelRepository
+from services.core.records import DatasetSnapshot, ModelEvent
+from services.core.settings import Settings
+from services.trainer.data import read_snapshot
+from services.trainer.pipeline import JobOptions, run_job
+from services.trainer.publish import finish
+
+log = logging.getLogger("flywheel.trainer")
+SERVICE = "trainer"
+GROUP = "flywheel-trainer"
+
+
+def train_snapshot(
+    settings: Settings,
+    agent: AgentConfig,
+    uri: str,
+    emit: Callable[[ModelEvent], None],
+    options: JobOptions | None = None,
+    repo: ModelRepository | None = None,
+) -> ModelEvent:
+    """One job, synchronously (the service runs it in a worker thread; tests and the CLI call it directly)."""
+    snapshot = read_snapshot(uri)
+    result = run_job(agent, snapshot, settings.path("artifacts"), options)
+    return finish(result, repo or ModelRepository.from_settings(settings), emit)
+
+
+def newest_per_agent(records: list[DatasetSnapshot]) -> list[DatasetSnapshot]:
+    """The last snapshot of each agent, in arrival order (older ones of the same agent are superseded)."""
+    last: dict[str, DatasetSnapshot] = {}
+    for record in records:
+        last.pop(record.agent_id, None)
+        last[record.agent_id] = record
+    return list(last.values())
+
+
+class Trainer:
+    def __init__(
+        self,
+        settings: Settings,
+        options: JobOptions | None = None,
+        codec: AvroCodec | None = None,
+        agents: AgentsFile | None = None,
+    ) -> None:
+        self.settings = settings
+        self.agents = agents  # fixed agents (tests); None: read agents_file for every job
+        self.options = options
+        self.codec = codec or AvroCodec()
+        self.jobs = 0
+
+    async def _job(self, publisher: Publisher, record: DatasetSnapshot) -> None:
+        # Re-read for every job: thresholds may have been changed since the trainer started.
+        agents = self.agents or load_agents(self.settings.agents_file)
+        try:
+            agent = agents.agent(record.agent_id)
+        except UnknownAgentError as exc:
+            log.error("trainer: snapshot %s skipped: %s", record.snapshot_id, exc)
+            return
+        loop = asyncio.get_running_loop()
+
+        def emit(event: ModelEvent) -> None:  # called from the worker thread
+            fut = asyncio.run_coroutine_threadsafe(publisher.send(topics.MODELS, event, event.agent_id), loop)
+            fut.result(timeout=60)
+
+        log.info("trainer: snapshot %s of %s (%s)", record.snapshot_id, record.agent_id, record.uri)
+        try:
+            event = await asyncio.to_thread(train_snapshot, self.settings, agent, record.uri, emit, self.options)
+            log.info("trainer: %s -> %s %s", record.snapshot_id, event.kind, event.model_version or "")
+        except Exception:
+            # A broken snapshot must not stop the trainer; the error is in the log and the next snapshot runs.
+            log.exception("trainer: job for snapshot %s failed", record.snapshot_id)
+        self.jobs += 1
+
+    async def run(self, stop: asyncio.Event) -> None:
+        producer = create_producer(self.settings)
+        await producer.start()
+        publisher = Publisher(producer, self.codec)
+        # Jobs take minutes: allow long gaps between polls without the group evicting us.
+        consumer = create_consumer(self.settings, GROUP, topics.DATASETS.name, max_poll_interval_ms=3_600_000)
+        await consumer.start()
+        reader: TopicReader[DatasetSnapshot] = TopicReader(consumer, publisher, topics.DATASETS, SERVICE)
+        mark_ready(self.settings, SERVICE)
+        log.info("trainer: waiting for snapshots on %s", topics.DATASETS.name)
+        try:
+            while not stop.is_set():
+                batch = await reader.read_batch(timeout_ms=500)
+                for delivered in newest_per_agent([d.record for d in batch.records]):
+                    if stop.is_set():
+                        return  # uncommitted: the snapshot is trained after the restart
+                    await self._job(publisher, delivered)
+                await reader.commit(batch)
+        finally:
+            clear_ready(self.settings, SERVICE)
+            await consumer.stop()
+            await producer.stop()
+
+
+async def _main(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await Trainer(settings).run(stop)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_main(settings))
+
+
+# CLI helpers (``flywheel models`` / ``flywheel rollback``) --------------------------------------------------
+def models_text(settings: Settings, agent_id: str) -> str:
+    from services.core.clickhouse import client
+    from services.trainer.models import format_versions, read_model_events, versions_from_events
+
+    ch = client(settings)
+    try:
+        events = read_model_events(ch, agent_id)
+    finally:
+        ch.close()
+    rejected = sum(1 for e in events if e["kind"] == "rejected")
+    return format_versions(agent_id, versions_from_events(events), rejected)
+
+
+async def rollback_and_emit(settings: Settings, agent_id: str, version: int | None = None) -> ModelEvent:
+    """Roll back (see ``models.rollback``) and emit the ``rolled_back`` event on ``flywheel.models``."""
+    from services.core.clickhouse import client
+    from services.trainer.models import read_model_events, rollback, versions_from_events
+
+    ch = client(settings)
+    try:
+        rows = versions_from_events(read_model_events(ch, agent_id))
+    finally:
+        ch.close()
+    event = await asyncio.to_thread(rollback, ModelRepository.from_settings(settings), agent_id, rows, version)
+    producer = create_producer(settings)
+    await producer.start()
+    try:
+        await Publisher(producer, AvroCodec()).send(topics.MODELS, event, agent_id)
+    finally:
+        await producer.stop()
+    return event
+
+
+
