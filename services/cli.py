@@ -160,12 +160,25 @@ def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
 @main.command()
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "tsv", "json"]), default="table", show_default=True)
+@click.option(
+    "--param", "params", multiple=True, metavar="NAME=VALUE", help="A query parameter ({NAME:Type} in the SQL)"
+)
 @friendly_errors
-def sql(query: str, fmt: str) -> None:
-    """Run a SQL query on ClickHouse and print the result."""
+def sql(query: str, fmt: str, params: tuple[str, ...]) -> None:
+    """Run a SQL query on ClickHouse and print the result.
+
+    Queries from docs/sql.md take their parameters with --param, e.g.
+    flywheel sql "$(cat q.sql)" --param agent=support-bot --param days=7
+    """
     from services.core.clickhouse import client
 
-    result = client(_settings()).query(query)
+    parameters = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.UsageError(f"--param {item!r}: expected NAME=VALUE")
+        parameters[name] = value
+    result = client(_settings()).query(query, parameters=parameters or None)
     columns, rows = list(result.column_names), [tuple(r) for r in result.result_rows]
     if fmt != "table":
         click.echo(format_rows(columns, rows, fmt))

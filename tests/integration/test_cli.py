@@ -72,6 +72,22 @@ def test_sql_table_csv_and_json(stack, settings: Settings) -> None:
     assert rows[2] == {"n": 2, "s": "4"}
 
 
+def test_sql_with_parameters(stack, settings: Settings) -> None:
+    out = run(
+        settings,
+        "sql",
+        "SELECT {a:String} AS a, {n:UInt32} + 1 AS n",
+        "--param",
+        "a=support-bot",
+        "--param",
+        "n=41",
+        "--format",
+        "csv",
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines() == ["a,n", "support-bot,42"]
+
+
 def test_sql_error_shows_clickhouse_text(stack, settings: Settings) -> None:
     out = run(settings, "sql", "SELECT * FROM no_such_table")
     assert out.returncode == 1
