@@ -32,7 +32,8 @@ from services.core.records import ChatMessage, InferenceRequest, InferenceRespon
 from services.core.settings import Settings
 from services.stack.broker import TansuBroker
 from services.stack.clickhouse_endpoint import ClickHouseEndpoint
-from services.stack.process import ProcessManager, free_port
+from services.stack.local import isolated_settings
+from services.stack.process import ProcessManager
 from services.stack.services import ServiceProcess
 from services.stack.teacher import ReferenceTeacherServer
 from services.stack.triton import TritonServer
@@ -160,17 +161,8 @@ def main() -> None:
                 }
             )
         )
-        settings = Settings(
-            home=home,
-            agents_file=agents_file,
-            kafka_bootstrap=f"127.0.0.1:{free_port()}",
-            clickhouse_url=f"http://127.0.0.1:{free_port()}",
-            triton_http_url=f"127.0.0.1:{free_port()}",
-            triton_grpc_url=f"127.0.0.1:{free_port()}",
-            triton_metrics_port=free_port(),
-            teacher_url=f"http://127.0.0.1:{free_port()}/v1",
-            reference_teacher_latency_ms=0.0,
-            reference_teacher_flaw_rate=0.0,
+        settings = isolated_settings(
+            home, agents_file=agents_file, reference_teacher_latency_ms=0.0, reference_teacher_flaw_rate=0.0
         )
         manager = ProcessManager(settings.run_dir, settings.log_dir)
         parts = [

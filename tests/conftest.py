@@ -8,20 +8,15 @@ from collections.abc import Iterator
 import pytest
 
 from services.core.settings import Settings
-from services.stack.process import ProcessManager, free_port
+from services.stack.process import ProcessManager
 
 
 @pytest.fixture(scope="session")
 def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    home = tmp_path_factory.mktemp("flywheel-home")
-    return Settings(
-        home=home,
-        kafka_bootstrap=f"127.0.0.1:{free_port()}",
-        clickhouse_url=f"http://127.0.0.1:{free_port()}",
-        triton_http_url=f"127.0.0.1:{free_port()}",
-        triton_grpc_url=f"127.0.0.1:{free_port()}",
-        triton_metrics_port=free_port(),
-        teacher_url=f"http://127.0.0.1:{free_port()}/v1",
+    from services.stack.local import isolated_settings
+
+    return isolated_settings(
+        tmp_path_factory.mktemp("flywheel-home"),
         reference_teacher_latency_ms=20.0,  # realistic shape, test-sized wait
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.core.settings import Settings
 from services.stack.process import Component, ProcessManager
@@ -27,6 +28,22 @@ class PartStatus:
         if self.pid is None:
             return "stopped"
         return "running" if self.answering else "not answering"
+
+
+def isolated_settings(home: Path | str, **overrides: object) -> Settings:
+    """Settings for a stack of its own: every port a free loopback port, all state under ``home`` (tests and
+    benchmarks run beside a developer's stack without touching it)."""
+    from services.stack.process import free_port
+
+    ports: dict[str, object] = {
+        "kafka_bootstrap": f"127.0.0.1:{free_port()}",
+        "clickhouse_url": f"http://127.0.0.1:{free_port()}",
+        "triton_http_url": f"127.0.0.1:{free_port()}",
+        "triton_grpc_url": f"127.0.0.1:{free_port()}",
+        "triton_metrics_port": free_port(),
+        "teacher_url": f"http://127.0.0.1:{free_port()}/v1",
+    }
+    return Settings(home=Path(home), **{**ports, **overrides})  # type: ignore[arg-type]
 
 
 class LocalStack:
