@@ -102,17 +102,20 @@ class Publisher:
         self.producer = producer
         self.codec = codec
 
-    async def send(self, topic: TopicSpec, record: Record, key: str | bytes | None) -> None:
+    async def send(self, topic: TopicSpec | str, record: Record, key: str | bytes | None) -> None:
         """Produce and wait for the broker's acknowledgement."""
         fut = await self.send_nowait(topic, record, key)
         await fut
 
-    async def send_nowait(self, topic: TopicSpec, record: Record, key: str | bytes | None) -> Any:
-        """Produce; returns the delivery future (batches many records per round trip)."""
-        if topic.record is not None and record.SCHEMA != topic.record:
-            raise TypeError(f"{topic.name} carries {topic.record} records, not {record.SCHEMA}")
+    async def send_nowait(self, topic: TopicSpec | str, record: Record, key: str | bytes | None) -> Any:
+        """Produce; returns the delivery future (batches many records per round trip). A topic given by name
+        (a client's own reply topic, outside the catalogue) has no record type to check."""
+        if isinstance(topic, TopicSpec):
+            if topic.record is not None and record.SCHEMA != topic.record:
+                raise TypeError(f"{topic.name} carries {topic.record} records, not {record.SCHEMA}")
+            topic = topic.name
         raw_key = key.encode() if isinstance(key, str) else key
-        return await self.producer.send(topic.name, self.codec.encode(record), key=raw_key)
+        return await self.producer.send(topic, self.codec.encode(record), key=raw_key)
 
 
 @dataclass(frozen=True)

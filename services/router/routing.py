@@ -120,7 +120,3 @@ def costs(tier: Tier, teacher: Usage | None, student: Usage | None) -> Costs:
 def _price(prices: Prices, usage: Usage | None) -> float:
     return 0.0 if usage is None else prices.cost(usage.input_tokens, usage.output_tokens)
 
-
-def approx_tokens(text: str | None) -> int:
-    """Token count estimate (about 4 characters a token) where a model reports none (the student)."""
-    return 0 if not text else max(1, (len(text) + 3) // 4)

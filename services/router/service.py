@@ -44,7 +44,7 @@ from services.core.settings import Settings
 from services.core.student import StudentAnswer, StudentClient, StudentUnavailable
 from services.router import routing
 from services.router.state import RouterState
-from services.teacher.base import Completion, Teacher, TeacherError
+from services.teacher.base import Completion, Teacher, TeacherError, approx_tokens
 
 log = logging.getLogger("flywheel.router")
 SERVICE = "router"
@@ -122,8 +122,8 @@ class Router:
             log.warning("%s", exc)
             return Answer(model=f"student:{request.agent_id}", latency_ms=0.0, error=str(exc))
         prices = self.state.tier(request.agent_id).student
-        tokens_in = routing.approx_tokens(" ".join(m.content for m in request.messages))
-        tokens_out = routing.approx_tokens(got.text)
+        tokens_in = approx_tokens(" ".join(m.content for m in request.messages))
+        tokens_out = approx_tokens(got.text)
         return Answer(
             content=got.text,
             model=got.model,
@@ -242,23 +242,16 @@ class Router:
                 agent_id=request.agent_id,
                 error=str(exc),
             )
-            await self._send_raw(reply_topic, error, request.conversation_id)
+            await self.publisher.send(reply_topic, error, request.conversation_id)
             return
         if outcome.response.error:
             await self._dead_letter(msg, "processing", outcome.response.error)
         sent = [
-            await self._send_raw_nowait(reply_topic, outcome.response, request.conversation_id),
+            await self.publisher.send_nowait(reply_topic, outcome.response, request.conversation_id),
             await self.publisher.send_nowait(topics.INTERACTIONS, outcome.interaction, request.request_id),
         ]
         for fut in sent:
             await fut
-
-    async def _send_raw_nowait(self, topic: str, record: InferenceResponse, key: str):
-        assert self.publisher is not None
-        return await self.publisher.producer.send(topic, self.codec.encode(record), key=key.encode())
-
-    async def _send_raw(self, topic: str, record: InferenceResponse, key: str) -> None:
-        await (await self._send_raw_nowait(topic, record, key))
 
     def _dispatch(self, msg: ConsumerRecord) -> None:
         """Start serving a record, after any earlier request of the same conversation."""

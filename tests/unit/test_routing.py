@@ -110,7 +110,9 @@ def test_costs_fallback_pays_both() -> None:
 
 
 def test_approx_tokens() -> None:
-    assert routing.approx_tokens(None) == 0
-    assert routing.approx_tokens("") == 0
-    assert routing.approx_tokens("abc") == 1
-    assert routing.approx_tokens("a" * 40) == 10
+    from services.teacher.base import approx_tokens
+
+    assert approx_tokens(None) == 0
+    assert approx_tokens("") == 0
+    assert approx_tokens("abc") == 1
+    assert approx_tokens("a" * 40) == 10
