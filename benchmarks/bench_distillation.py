@@ -54,6 +54,8 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, default=None, help="default: a temporary directory")
     ap.add_argument("--base-cache", type=Path, default=Path(tempfile.gettempdir()) / "flywheel-base-cache")
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here too")
+    ap.add_argument("--json", type=Path, default=None, help="write the headline figures as a flat JSON object")
+    ap.add_argument("--full-targets", action="store_true", help="train on full answers (no answer template)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     missing = [k for k, v in MALLOC_ENV.items() if os.environ.get(k) != v]
@@ -73,7 +75,7 @@ def main() -> None:
     agent = AgentConfig(
         agent_id="bench-bot",
         distillation=Distillation(base_model=args.base, learning_rate=args.lr, epochs=args.epochs,
-                                  batch_size=args.batch),
+                                  batch_size=args.batch, compact_targets=not args.full_targets),
         validation=Validation(quality_threshold=0.92, gate_mode="overall"),
         output=output,
     )
@@ -113,7 +115,8 @@ def main() -> None:
 
     # Latency of the trained student at batch 1, through the serving code.
     gen2 = runtime.StudentGenerator(
-        student_spec(base.path, str(result.adapter_dir), labels, result.system_prompt, result.max_new_tokens)
+        student_spec(base.path, str(result.adapter_dir), result.labels, result.system_prompt, result.max_new_tokens,
+                     result.answer_template)
     )
     lat = []
     for prompt in result.holdout_prompts[: args.latency_probes]:
@@ -121,11 +124,31 @@ def main() -> None:
         gen2.generate([prompt])
         lat.append((time.perf_counter() - t) * 1000)
     figures["student_latency_ms"] = {"p50": percentile(lat, 50), "p95": percentile(lat, 95), "n": len(lat)}
+    # The teacher's p95 under the reference teacher's latency model (its default median, lognormal shape).
+    from services.core.settings import Settings
+    from services.teacher.reference import ReferenceTeacher
+
+    teacher = ReferenceTeacher.from_settings(Settings())
+    teacher_lat = [teacher.sample_latency_ms() for _ in range(2000)]
+    figures["teacher_latency_ms"] = {"p50": percentile(teacher_lat, 50), "p95": percentile(teacher_lat, 95)}
+    figures["answer_template_labels"] = len(result.answer_template.get("by_label", {}))
     figures["run_dir"] = str(result.run_dir)
     text = json.dumps(figures, indent=2, default=str)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+    if args.json:
+        s1, s2 = figures["stage1"], figures["stage2"]
+        flat = {
+            "stage1_agreement": s1["agreement"], "stage2_agreement": s2["agreement"],
+            "format_compliance": s2["format"], "gold_accuracy": s2["task_accuracy"],
+            "train_seconds": s2["train_seconds"], "train_pairs": figures["train_pairs"],
+            "threshold": s2["calibrated_threshold"], "coverage": s2["coverage"],
+            "selective_agreement": s2["selective_agreement"],
+            "student_p95_ms": figures["student_latency_ms"]["p95"],
+            "teacher_p95_ms": figures["teacher_latency_ms"]["p95"],
+        }
+        args.json.write_text(json.dumps(flat, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

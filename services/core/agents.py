@@ -95,6 +95,9 @@ class Distillation(_Strict):
     max_seq_len: int = Field(256, ge=16)
     seed: int = 42
     merge_adapter: bool = Field(False, description="Publish merged weights instead of base + adapter")
+    # Fields the teacher's answers fix per label (a tool, a canned reply) are left out of the trained targets
+    # and put back at serving: shorter answers train and decode faster, and the student cannot get them wrong.
+    compact_targets: bool = True
 
 
 class Validation(_Strict):

@@ -89,6 +89,8 @@ class StudentModelSpec:
     label_prefix: str = ""  # text after which a label is expected ("" = the answer starts with it)
     label_suffix: str = ""  # text that closes a label ("" = the label ends the answer)
     system_prompt: str | None = None  # prepended to chat messages that carry no system message
+    # Answer fields fixed per label, put back after generation (``expand_answer`` in the student runtime).
+    answer_template: Mapping[str, Any] = field(default_factory=dict)
     dtype: str = "float32"  # CPU: float32 is the fast path without AMX
     num_threads: int | None = None  # torch threads in the Triton stub; default: every core
     warmup: bool = True  # answer once while loading, so a version that cannot answer fails its load
@@ -116,6 +118,7 @@ class StudentModelSpec:
         data = asdict(self)
         data["labels"] = list(self.labels)
         data["metadata"] = dict(self.metadata)
+        data["answer_template"] = dict(self.answer_template)
         base = Path(self.base_model).expanduser()
         # A local base model is recorded absolute: the Triton stub runs in another working directory.
         data["base_model"] = str(base.absolute()) if base.exists() else self.base_model

@@ -29,6 +29,8 @@ LABEL_SUFFIX = '"'
 # list and few-shot examples, and every prompt token costs training time on two cores (the answer format is
 # learnt from the targets; valid labels are enforced by constrained decoding).
 COMPACT_SYSTEM_PROMPT = "Classify the customer message. Answer with JSON: intent, tool, arguments, reply."
+COMPACT_TEMPLATE_PROMPT = "Classify the customer message. Answer with JSON: {fields}."
+LABEL_FIELD = "intent"
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,72 @@ def training_messages(messages: list[dict[str, str]], system_prompt: str) -> lis
 def prompt_json(messages: list[dict[str, str]]) -> str:
     """The PROMPT string Triton receives for these messages (as ``services.core.student.prompt_json``)."""
     return json.dumps(messages, ensure_ascii=False)
+
+
+# Answer templates (compact targets) -------------------------------------------------------------------------
+def _answer_object(text: str) -> dict[str, Any] | None:
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get(LABEL_FIELD), str) else None
+
+
+def build_answer_template(targets: Iterable[str], min_examples: int = 2) -> dict[str, Any]:
+    """The answer fields fixed per label in the teacher's answers: for each label seen at least
+    ``min_examples`` times, every field other than the label whose value is the same in all of that label's
+    answers (BANKING77: the tool and the reply). Empty when nothing is fixed. The student need not learn to
+    write these (``compact_target``); serving puts them back (``expand_answer`` in the student runtime).
+
+    All answers, not a majority: a field that varies within a label carries information the student must
+    produce, and templating it would silently turn a minority of answers into disagreements."""
+    fields: list[str] = []
+    seen: dict[str, list[dict[str, Any]]] = {}
+    for text in targets:
+        data = _answer_object(text)
+        if data is None:
+            continue
+        for key in data:
+            if key not in fields:
+                fields.append(key)
+        seen.setdefault(data[LABEL_FIELD], []).append(data)
+    by_label: dict[str, dict[str, Any]] = {}
+    for label, answers in sorted(seen.items()):
+        if len(answers) < min_examples:
+            continue
+        fixed = {}
+        for key in fields:
+            if key == LABEL_FIELD or any(key not in a for a in answers):
+                continue
+            first = json.dumps(answers[0][key], sort_keys=True)
+            if all(json.dumps(a[key], sort_keys=True) == first for a in answers[1:]):
+                fixed[key] = answers[0][key]
+        if fixed:
+            by_label[label] = fixed
+    if not by_label:
+        return {}
+    return {"label_field": LABEL_FIELD, "fields": fields, "by_label": by_label}
+
+
+def compact_target(target: str, template: dict[str, Any]) -> str:
+    """The answer without its label's fixed fields (label first, so constrained decoding still applies);
+    an answer whose label has no template (or that is not an answer object) stays as it is."""
+    data = _answer_object(target)
+    fixed = (template.get("by_label") or {}).get(data[LABEL_FIELD]) if data and template else None
+    if not data or not fixed:
+        return target
+    kept = {k: v for k, v in data.items() if k not in fixed or k == LABEL_FIELD}
+    return json.dumps({LABEL_FIELD: kept.pop(LABEL_FIELD), **kept}, ensure_ascii=False)
+
+
+def template_prompt(template: dict[str, Any]) -> str:
+    """The stage-2 system prompt naming the fields the student writes."""
+    if not template:
+        return COMPACT_SYSTEM_PROMPT
+    # A field fixed for every label is never written; one fixed for some labels only still is, for the others.
+    fixed = set.intersection(*(set(v) for v in template["by_label"].values()))
+    written = [f for f in template["fields"] if f not in fixed or f == LABEL_FIELD]
+    return COMPACT_TEMPLATE_PROMPT.format(fields=", ".join(written))
 
 
 # Tokenisation -----------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ log = logging.getLogger("flywheel.trainer")
 
 @dataclass(frozen=True)
 class JobOptions:
-    system_prompt: str = D.COMPACT_SYSTEM_PROMPT  # stage-2 prompt, also published in the spec
+    system_prompt: str | None = None  # stage-2 prompt, also published in the spec (None: from the targets)
     eval_batch_size: int = 8
     max_holdout: int | None = None  # cap on holdout answers generated (time budget)
     max_steps: int | None = None  # cap on optimizer steps (tests)
@@ -50,6 +50,7 @@ class JobResult:
     labels: list[str]
     max_new_tokens: int
     system_prompt: str
+    answer_template: dict[str, Any]
     train: TrainResult
     report: HoldoutReport
     calibration: Calibration
@@ -97,7 +98,7 @@ class JobResult:
 def config_hash(agent: AgentConfig, options: JobOptions) -> str:
     blob = json.dumps(
         {"distillation": agent.distillation.model_dump(), "validation": agent.validation.model_dump(),
-         "system_prompt": options.system_prompt},
+         "system_prompt": options.system_prompt or ""},
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -110,10 +111,12 @@ def labels_of(examples: Sequence[D.Example]) -> list[str]:
 
 
 def student_spec(
-    base_path: str, adapter: str | None, labels: Sequence[str], system_prompt: str | None, max_new_tokens: int
+    base_path: str, adapter: str | None, labels: Sequence[str], system_prompt: str | None, max_new_tokens: int,
+    answer_template: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The spec dict ``StudentGenerator`` (and Triton, via spec.json) serves."""
     return {
+        "answer_template": answer_template or {},
         "base_model": base_path,
         "adapter_path": adapter,
         "labels": list(labels),
@@ -161,11 +164,14 @@ def run_job(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     train_examples = snapshot.train[: cfg.max_train_examples] if cfg.max_train_examples else snapshot.train
+    template = D.build_answer_template(ex.target for ex in train_examples) if cfg.compact_targets else {}
+    system_prompt = options.system_prompt or D.template_prompt(template)
     encoded = []
     skipped = 0
     for ex in train_examples:
-        text = render(tokenizer, ex.messages, options.system_prompt)
-        item = D.encode_example(tokenizer, text, ex.target, eos_id, cfg.max_seq_len)
+        text = render(tokenizer, ex.messages, system_prompt)
+        target = D.compact_target(ex.target, template) if template else ex.target
+        item = D.encode_example(tokenizer, text, target, eos_id, cfg.max_seq_len)
         if item is None:
             skipped += 1
         else:
@@ -191,7 +197,7 @@ def run_job(
     spec = student_spec(
         str(publish_dir) if merged else base.path,
         None if merged else str(train.adapter_dir),
-        labels, options.system_prompt, max_new_tokens,
+        labels, system_prompt, max_new_tokens, template,
     )
     generator = student_runtime().StudentGenerator(spec)
     t0 = time.monotonic()
@@ -215,7 +221,8 @@ def run_job(
     result = JobResult(
         agent_id=agent.agent_id, snapshot_id=snapshot.snapshot_id, base=base, run_dir=run_dir,
         adapter_dir=train.adapter_dir, publish_dir=publish_dir, merged=merged, labels=labels,
-        max_new_tokens=max_new_tokens, system_prompt=options.system_prompt, train=train, report=report,
+        max_new_tokens=max_new_tokens, system_prompt=system_prompt, answer_template=template, train=train,
+        report=report,
         calibration=calibration, verdict=verdict, config_hash=chash, holdout_prompts=prompts,
     )
     (run_dir / "report.json").write_text(json.dumps(result.report_json(), indent=2, default=str) + "\n")

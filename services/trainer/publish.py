@@ -88,6 +88,7 @@ def student_spec_for(result: JobResult, max_batch_size: int = 8) -> StudentModel
         label_prefix='{"intent": "' if result.labels else "",
         label_suffix='"' if result.labels else "",
         system_prompt=result.system_prompt,
+        answer_template=result.answer_template,
         max_batch_size=max_batch_size,
         metadata=metadata,
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, UnknownAgentError, load_agents
@@ -41,8 +43,24 @@ def train_snapshot(
 ) -> ModelEvent:
     """One job, synchronously (the service runs it in a worker thread; tests and the CLI call it directly)."""
     snapshot = read_snapshot(uri)
-    result = run_job(agent, snapshot, settings.path("artifacts"), options)
+    progress_file = progress_path(settings)
+
+    def progress(info: dict[str, float]) -> None:
+        # For `flywheel demo` and anyone watching: the running job's step, loss and ETA.
+        payload = {"agent_id": agent.agent_id, "snapshot_id": snapshot.snapshot_id, **info}
+        tmp = progress_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(payload))
+        tmp.replace(progress_file)
+
+    result = run_job(agent, snapshot, settings.path("artifacts"), options, progress=progress)
     return finish(result, repo or ModelRepository.from_settings(settings), emit)
+
+
+def progress_path(settings: Settings) -> Path:
+    """Where the trainer keeps the running job's progress (JSON: agent_id, snapshot_id, step, steps, loss,
+    eta_s...)."""
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    return settings.run_dir / "trainer-progress.json"
 
 
 def newest_per_agent(records: list[DatasetSnapshot]) -> list[DatasetSnapshot]:

@@ -133,3 +133,57 @@ def test_snapshot_round_trip_and_student_messages(tmp_path: Path) -> None:
     assert D.training_messages(ex.messages, "S")[0] == {"role": "system", "content": "S"}
     with pytest.raises(FileNotFoundError):
         D.read_snapshot(tmp_path / "missing")
+
+
+# Answer templates (compact targets) ---------------------------------------------------------------------------
+def _answer(intent: str, tool: str, reply: str, **arguments: str) -> str:
+    return json.dumps({"intent": intent, "tool": tool, "arguments": arguments, "reply": reply})
+
+
+TEMPLATE_TARGETS = [
+    _answer("card_arrival", "card_delivery_status", "Let me check where your card is."),
+    _answer("card_arrival", "card_delivery_status", "Let me check where your card is."),
+    _answer("exchange_rate", "exchange_rates", "Here are today's rates."),
+    _answer("exchange_rate", "exchange_rates", "Here are today's rates.", amount="£5"),
+    _answer("age_limit", "account_management", "Only once."),  # one example: no template
+    "not json at all",
+]
+
+
+def test_answer_template_fixes_only_fields_constant_within_a_label() -> None:
+    template = D.build_answer_template(TEMPLATE_TARGETS)
+    assert template["fields"] == ["intent", "tool", "arguments", "reply"]
+    assert template["by_label"]["card_arrival"] == {
+        "tool": "card_delivery_status", "arguments": {}, "reply": "Let me check where your card is."
+    }
+    # arguments vary for exchange_rate, so the student keeps writing them there
+    assert template["by_label"]["exchange_rate"] == {"tool": "exchange_rates", "reply": "Here are today's rates."}
+    assert "age_limit" not in template["by_label"]
+    assert D.build_answer_template(["x", _answer("a", "t", "r")]) == {}
+
+
+def test_compact_target_round_trips_through_the_serving_expansion() -> None:
+    from services.core.model_repository import student_runtime
+
+    expand = student_runtime().expand_answer
+    template = D.build_answer_template(TEMPLATE_TARGETS)
+    for target in TEMPLATE_TARGETS:
+        compact = D.compact_target(target, template)
+        if not target.startswith("{"):
+            assert compact == target and expand(compact, template) == target
+            continue
+        # the same object with the keys in the teacher's order
+        assert list(json.loads(expand(compact, template)).items()) == list(json.loads(target).items())
+        if json.loads(target)["intent"] != "age_limit":
+            assert compact.startswith(D.LABEL_PREFIX) and "tool" not in compact and "reply" not in compact
+    expected = '{"intent": "exchange_rate", "arguments": {"amount": "£5"}}'
+    assert D.compact_target(TEMPLATE_TARGETS[3], template) == expected
+    # an answer the student got wrong is left for the format check to judge
+    assert expand('{"intent": "unknown"}', template) == '{"intent": "unknown"}'
+    assert expand("{broken", template) == "{broken"
+
+
+def test_template_prompt_names_the_fields_the_student_writes() -> None:
+    template = D.build_answer_template(TEMPLATE_TARGETS)
+    assert D.template_prompt(template).endswith("Answer with JSON: intent, arguments.")
+    assert D.template_prompt({}) == D.COMPACT_SYSTEM_PROMPT

@@ -19,6 +19,11 @@ Inputs / outputs (all with a leading batch dimension; Triton's dynamic batcher g
   as one decision whose probability is the product of its tokens' probabilities renormalised over the tokens
   that keep it a valid label: the probability mass of the chosen name among the valid names.
 
+An optional ``answer_template`` in the spec holds the answer fields that are fixed per label in the teacher's
+answers (for example each intent's tool and reply). The student is then trained to write only the rest (the
+label and the arguments: a third of the tokens, which is most of the training and serving time on a CPU), and
+``expand_answer`` puts the fixed fields back, in the teacher's key order, before the answer leaves the model.
+
 The generation code does not depend on Triton (``triton_python_backend_utils`` is only imported when present),
 so the trainer can load this file and evaluate a candidate with exactly the serving code path
 (``services.core.model_repository.student_runtime()``).
@@ -77,6 +82,28 @@ def render_prompt(
         return str(tokenizer.apply_chat_template(messages, **kwargs))
     lines = [f"{m['role']}: {m['content']}" for m in messages]
     return "\n".join([*lines, "assistant:"])
+
+
+# Answer templates -------------------------------------------------------------------------------------------
+def expand_answer(text: str, template: dict[str, Any] | None) -> str:
+    """The full answer for a compact one: the label's fixed fields added back, keys in the teacher's order.
+    Text that is not a JSON object with a known label is returned as is (the format check judges it)."""
+    if not template:
+        return text
+    try:
+        data = json.loads(text)
+    except (ValueError, TypeError):
+        return text
+    label_field = str(template.get("label_field") or "intent")
+    if not isinstance(data, dict) or not isinstance(data.get(label_field), str):
+        return text
+    fixed = (template.get("by_label") or {}).get(data[label_field])
+    if not fixed:
+        return text
+    merged = {**fixed, **data}
+    order = [k for k in template.get("fields") or [] if k in merged]
+    ordered = {k: merged[k] for k in order} | {k: v for k, v in merged.items() if k not in order}
+    return json.dumps(ordered, ensure_ascii=False)
 
 
 # Constrained labels -----------------------------------------------------------------------------------------
@@ -173,6 +200,7 @@ class StudentGenerator:
         self.torch = torch
         self.max_new_tokens = int(spec.get("max_new_tokens") or 64)
         self.system_prompt = spec.get("system_prompt")
+        self.answer_template = spec.get("answer_template") or None
 
         eos: set[int] = set()
         for value in (self.tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
@@ -288,7 +316,7 @@ class StudentGenerator:
 
     def _text(self, toks: list[int]) -> str:
         kept = [t for t in toks if t not in self.eos_ids]
-        return str(self.tokenizer.decode(kept, skip_special_tokens=True)).strip()
+        return expand_answer(str(self.tokenizer.decode(kept, skip_special_tokens=True)).strip(), self.answer_template)
 
     def _confidence(self, toks: list[int], probs: list[float], state: dict[str, Any] | None) -> float:
         start = end = None

@@ -1,0 +1,242 @@
+"""The demo's final report: figures per phase from ClickHouse, the stage timeline from the lifecycle events,
+and their rendering as Markdown (pure, apart from ``phase_figures`` which runs one query).
+
+Agreement is the SQL cookbook's (docs/sql.md, `shadow_agreement`): same intent, same tool, same arguments.
+Live agreement counts shadow samples only (requests the student served and the teacher answered in the
+background): fallbacks are the student's unsure answers, so counting them would understate it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from services.core.lifecycle import LifecycleEvent
+from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+PHASE_SQL = """
+WITH
+    ifNull(teacher_content, '') AS teacher_answer,
+    ifNull(student_content, '') AS student_answer,
+    isValidJSON(student_answer)
+        AND JSONExtractString(teacher_answer, 'intent') = JSONExtractString(student_answer, 'intent')
+        AND JSONExtractString(teacher_answer, 'tool') = JSONExtractString(student_answer, 'tool')
+        AND arraySort(JSONExtractKeysAndValuesRaw(teacher_answer, 'arguments'))
+            = arraySort(JSONExtractKeysAndValuesRaw(student_answer, 'arguments')) AS agree,
+    shadow AND teacher_ran AND student_ran AND teacher_error IS NULL AND student_error IS NULL AS shadow_sample,
+    if(served_by = 'student', student_answer, teacher_answer) AS served_answer
+SELECT
+    count() AS requests,
+    countIf(served_by = 'student') AS student,
+    countIf(served_by = 'teacher') AS teacher,
+    countIf(served_by = 'none') AS failed,
+    countIf(student_ran) AS student_eligible,
+    countIf(route_reason = 'low_confidence') AS fallbacks,
+    countIf(shadow_sample) AS shadow_samples,
+    countIf(shadow_sample AND agree) AS shadow_agreed,
+    countIf(metadata['gold_intent'] != '') AS gold_total,
+    countIf(metadata['gold_intent'] != '' AND JSONExtractString(served_answer, 'intent') = metadata['gold_intent'])
+        AS gold_correct,
+    sum(cost_usd) AS cost_usd,
+    sum(teacher_only_cost_usd) AS teacher_only_cost_usd,
+    quantileExactIf(0.95)(teacher_latency_ms, teacher_ran AND teacher_error IS NULL) AS teacher_p95_ms,
+    quantileExactIf(0.95)(student_latency_ms, student_ran AND student_error IS NULL) AS student_p95_ms
+FROM interactions FINAL
+WHERE agent_id = {agent:String}
+  AND received_at >= {start:DateTime64(6)} AND received_at < {end:DateTime64(6)}
+"""
+
+
+@dataclass
+class PhaseFigures:
+    name: str
+    title: str
+    started_at: datetime
+    ended_at: datetime
+    requests: int = 0
+    student: int = 0
+    teacher: int = 0
+    failed: int = 0
+    student_eligible: int = 0
+    fallbacks: int = 0
+    shadow_samples: int = 0
+    shadow_agreed: int = 0
+    gold_total: int = 0
+    gold_correct: int = 0
+    cost_usd: float = 0.0
+    teacher_only_cost_usd: float = 0.0
+    teacher_p95_ms: float = 0.0
+    student_p95_ms: float = 0.0
+
+    @property
+    def student_share(self) -> float:
+        return self.student / self.requests if self.requests else 0.0
+
+    @property
+    def fallback_rate(self) -> float:
+        return self.fallbacks / self.student_eligible if self.student_eligible else 0.0
+
+    @property
+    def live_agreement(self) -> float | None:
+        return self.shadow_agreed / self.shadow_samples if self.shadow_samples else None
+
+    @property
+    def gold_accuracy(self) -> float | None:
+        return self.gold_correct / self.gold_total if self.gold_total else None
+
+    @property
+    def savings(self) -> float:
+        return 1 - self.cost_usd / self.teacher_only_cost_usd if self.teacher_only_cost_usd else 0.0
+
+
+def phase_figures(ch: Client, agent_id: str, name: str, title: str, start: datetime, end: datetime) -> PhaseFigures:
+    result = ch.query(PHASE_SQL, parameters={"agent": agent_id, "start": start, "end": end})
+    row = dict(zip(result.column_names, result.result_rows[0], strict=True)) if result.result_rows else {}
+    clean = {k: (0 if v is None or v != v else v) for k, v in row.items()}  # NaN quantiles of empty sets
+    return PhaseFigures(name, title, start, end, **clean)
+
+
+@dataclass(frozen=True)
+class TimelineEntry:
+    at: datetime
+    what: str
+
+
+def describe_event(event: LifecycleEvent) -> str:
+    if isinstance(event, RetrainTriggered):
+        return f"retrain triggered: {event.reason}"
+    if isinstance(event, DatasetSnapshot):
+        counts = ", ".join(f"{k} {v}" for k, v in sorted(event.split_counts.items()))
+        return f"snapshot {event.snapshot_id} v{event.version} ({counts})"
+    assert isinstance(event, ModelEvent)
+    m = event.metrics
+    if event.kind == "candidate":
+        return f"candidate trained in {m.get('train_seconds', 0):.0f} s"
+    if event.kind == "promoted":
+        return (
+            f"promoted as version {event.model_version}: holdout agreement {m.get('agreement', 0):.3f}, "
+            f"confidence threshold {event.confidence_threshold or 0:.2f}"
+        )
+    if event.kind == "rejected":
+        reasons = "; ".join(event.gate.reasons) if event.gate else ""
+        return f"rejected: {reasons}"
+    return f"{event.kind} (version {event.model_version})"
+
+
+def timeline(events: list[LifecycleEvent], agent_id: str, since: datetime) -> list[TimelineEntry]:
+    mine = sorted((e for e in events if e.agent_id == agent_id and e.created_at >= since), key=lambda e: e.created_at)
+    return [TimelineEntry(e.created_at, describe_event(e)) for e in mine]
+
+
+@dataclass
+class DemoReport:
+    agent_id: str
+    workload: str
+    gate_mode: str
+    tier: str
+    started_at: datetime
+    finished_at: datetime
+    phases: list[PhaseFigures] = field(default_factory=list)
+    timeline: list[TimelineEntry] = field(default_factory=list)
+    holdout: dict[str, float] = field(default_factory=dict)  # the last promotion's metrics
+    notes: list[str] = field(default_factory=list)
+
+    def totals(self) -> PhaseFigures:
+        total = PhaseFigures("total", "all phases", self.started_at, self.finished_at)
+        for p in self.phases:
+            for key in ("requests", "student", "teacher", "failed", "student_eligible", "fallbacks",
+                        "shadow_samples", "shadow_agreed", "gold_total", "gold_correct"):
+                setattr(total, key, getattr(total, key) + getattr(p, key))
+            total.cost_usd += p.cost_usd
+            total.teacher_only_cost_usd += p.teacher_only_cost_usd
+        total.teacher_p95_ms = max((p.teacher_p95_ms for p in self.phases), default=0.0)
+        served = [p for p in self.phases if p.student]
+        total.student_p95_ms = max((p.student_p95_ms for p in served), default=0.0)
+        return total
+
+    def summary(self) -> dict[str, Any]:
+        """Headline figures (what `benchmarks/run_all.py` reads from report.json)."""
+        total = self.totals()
+        live = [p for p in self.phases if p.name != "grace"]
+        shadow = sum(p.shadow_samples for p in live)
+        return {
+            "agreement_holdout": self.holdout.get("agreement"),
+            "selective_agreement_holdout": self.holdout.get("selective_agreement"),
+            "coverage_holdout": self.holdout.get("coverage"),
+            "agreement_live": sum(p.shadow_agreed for p in live) / shadow if shadow else None,
+            "shadow_samples": shadow,
+            "fallback_rate": (sum(p.fallbacks for p in live) / s) if (s := sum(p.student_eligible for p in live))
+            else None,
+            "student_share": max((p.student_share for p in live), default=0.0),
+            "cost_usd": total.cost_usd,
+            "teacher_only_cost_usd": total.teacher_only_cost_usd,
+            "savings_pct": 100 * total.savings,
+            "teacher_p95_ms": total.teacher_p95_ms,
+            "student_p95_ms": total.student_p95_ms,
+            "requests": total.requests,
+            "failed": total.failed,
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "agent_id": self.agent_id, "workload": self.workload, "gate_mode": self.gate_mode, "tier": self.tier,
+            "started_at": self.started_at.isoformat(), "finished_at": self.finished_at.isoformat(),
+            **self.summary(),
+            "phases": [
+                {**{k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(p).items()},
+                 "student_share": p.student_share, "fallback_rate": p.fallback_rate,
+                 "live_agreement": p.live_agreement, "gold_accuracy": p.gold_accuracy, "savings": p.savings}
+                for p in self.phases
+            ],
+            "timeline": [{"at": t.at.isoformat(), "what": t.what} for t in self.timeline],
+            "holdout": self.holdout,
+            "notes": self.notes,
+        }
+
+    def markdown(self) -> str:
+        def pct(x: float | None) -> str:
+            return "–" if x is None else f"{100 * x:.1f} %"
+
+        minutes = (self.finished_at - self.started_at).total_seconds() / 60
+        lines = [
+            f"# flywheel demo: {self.agent_id} ({self.workload}), {minutes:.1f} min",
+            "",
+            f"Tier {self.tier}; quality gate `{self.gate_mode}`.",
+            "",
+            "## Stage timeline",
+            "",
+            "| time (UTC) | event |",
+            "|---|---|",
+            *[f"| {t.at:%H:%M:%S} | {t.what} |" for t in self.timeline],
+            "",
+            "## Traffic, quality and cost per phase",
+            "",
+            "| phase | requests | student share | fallback rate | live agreement (shadow n) | gold accuracy "
+            "| cost | teacher-only | saved | teacher p95 | student p95 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for p in [*self.phases, self.totals()]:
+            agreement = f"{pct(p.live_agreement)} ({p.shadow_samples})"
+            student_p95 = f"{p.student_p95_ms:.0f} ms" if p.student_eligible else "–"
+            lines.append(
+                f"| {p.name} | {p.requests} | {pct(p.student_share)} | {pct(p.fallback_rate)} | {agreement} "
+                f"| {pct(p.gold_accuracy)} | ${p.cost_usd:.4f} | ${p.teacher_only_cost_usd:.4f} | {pct(p.savings)} "
+                f"| {p.teacher_p95_ms:.0f} ms | {student_p95} |"
+            )
+        h = self.holdout
+        if h:
+            lines += [
+                "",
+                "## Holdout (last promoted student)",
+                "",
+                f"agreement {h.get('agreement', 0):.3f} overall; {h.get('selective_agreement', 0):.3f} on the "
+                f"{pct(h.get('coverage'))} of answers at or above the confidence threshold; format compliance "
+                f"{h.get('format_compliance', 0):.3f}; gold accuracy {h.get('task_accuracy', 0):.3f}.",
+            ]
+        if self.notes:
+            lines += ["", "## Notes", "", *[f"- {n}" for n in self.notes]]
+        return "\n".join(lines) + "\n"
