@@ -212,16 +212,50 @@ def smoke() -> None:
 
 
 @main.command()
+@click.option("--short", is_flag=True, help="About a third of the traffic: a first look in less time")
+@click.option(
+    "--workload", "workload_name", type=click.Choice(["banking77", "nlupp"]), default="banking77", show_default=True,
+    help="banking77: the support-bot agent; nlupp: the banking-nlu agent (several intents and slots)",
+)
+@click.option("--reset", is_flag=True, help="Stop the stack and delete FLYWHEEL_HOME first (starts from nothing)")
+@click.option("--smoke-only", is_flag=True, help="Only start the stack and check every part answers")
 @friendly_errors
-def demo() -> None:
-    """Start the local stack and run the demo (for now: a smoke round trip through every part)."""
+def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None:
+    """Start the local stack and run the whole flywheel: grace period, training, the student live, drift,
+    retraining and recovery, then a report (also written to FLYWHEEL_HOME/demo/report.md and .json)."""
+    import asyncio
+
+    from rich.markdown import Markdown
+
+    from services.core.agents import load_agents
+    from services.demo.plan import AGENT_FOR_WORKLOAD, make_plan
+    from services.demo.run import Demo, DemoError, check_fresh, reset_home
+    from services.teacher.workloads import load_workload
+
     settings = _settings()
+    if reset:
+        reset_home(settings)
+        console.print(f"reset: deleted {settings.home.absolute()}")
     _stack_up(settings)
     if not _smoke(settings):
         sys.exit(1)
-    console.print("[bold green]the local stack is up and every part answered.[/] Try:")
-    console.print('  flywheel sql "SELECT version, name, applied_at FROM schema_migrations"')
-    console.print("  flywheel status\n  flywheel down")
+    if smoke_only:
+        console.print("[bold green]the local stack is up and every part answered.[/]")
+        return
+    agent_id = AGENT_FOR_WORKLOAD[workload_name]
+    agent_cfg = load_agents(settings.agents_file).agent(agent_id)
+    plan = make_plan(load_workload(workload_name, settings.data_dir), agent_cfg.grace_period.min_unique_intents,
+                     short=short, agent_id=agent_id)
+    try:
+        check_fresh(settings, agent_id)
+        report = asyncio.run(Demo(settings, plan, console, settings.home.absolute() / "demo").run())
+    except DemoError as exc:
+        raise click.ClickException(str(exc)) from None
+    console.rule("[bold]report[/]")
+    console.print(Markdown(report.markdown()))
+    out = settings.home.absolute() / "demo"
+    console.print(f"report: {out / 'report.md'} and {out / 'report.json'}; the stack keeps running: try "
+                  "`flywheel status`, `flywheel models " + agent_id + "`, `flywheel dashboard`, `flywheel down`")
 
 
 @main.command()
@@ -467,8 +501,32 @@ def rollback(agent_id: str, version: int | None) -> None:
     console.print(f"{agent_id}: rolled back to version {target}, now serving as Triton version {event.model_version}")
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on (0.0.0.0: every one)")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), default=None, help="Port  [default: FLYWHEEL_DASHBOARD_PORT, 8765]"
+)
+@friendly_errors
+def dashboard(host: str, port: int | None) -> None:
+    """Serve the dashboard: per agent, stage, traffic split, agreement, cost saved, latency and events."""
+    from services.dashboard.server import DashboardError, serve
+
+    settings = _settings()
+
+    def ready(url: str) -> None:
+        console.print(f"dashboard: [bold]{url}[/] (ClickHouse {settings.clickhouse_url}); Ctrl-C to stop")
+
+    try:
+        serve(settings, host, settings.dashboard_port if port is None else port, ready)
+    except DashboardError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        console.print("dashboard stopped")
+
+
 @main.command("run")
-@click.argument("service", type=click.Choice(["router", "logger", "teacher", "curator", "trainer"]))
+@click.argument("service", type=click.Choice(["router", "logger", "teacher", "curator", "trainer", "drift_monitor"]))
 def run_service(service: str) -> None:
     """Run one service in the foreground (what `flywheel up` starts in the background)."""
     import runpy

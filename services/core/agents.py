@@ -128,12 +128,20 @@ class Routing(_Strict):
 
 
 class Drift(_Strict):
-    window_minutes: float = Field(60, gt=0)
-    min_samples: int = Field(30, ge=1)
+    """When the drift monitor triggers a retrain of a live student (docs/drift.md). Each rule fires only when
+    its figure is beyond its limit with significance: a one-sided test of "the true rate is within the limit"
+    gives p <= alpha over at least min_samples requests served since the current promotion."""
+
+    window_minutes: float = Field(60, gt=0, description="The sliding window the rules look at")
+    min_samples: int = Field(30, ge=1, description="Fewest requests (per rule) a window needs to fire")
     agreement_drop: float = Field(0.05, gt=0, lt=1, description="Drop below the validation agreement that fires")
-    unseen_intent_share: float = Field(0.2, gt=0, le=1)
-    fallback_rate_rise: float = Field(0.15, gt=0, le=1)
-    cooldown_minutes: float = Field(30, ge=0)
+    unseen_intent_share: float = Field(0.2, gt=0, le=1, description="Share of traffic on untrained intents")
+    fallback_rate_rise: float = Field(0.15, gt=0, le=1, description="Rise of the low-confidence fallback rate")
+    # auto: 1 - the coverage the promoted student was calibrated at (when its promotion carries a calibrated
+    # threshold), else the rate in the first window after the promotion; first_window: always the latter.
+    fallback_reference: Literal["auto", "first_window"] = "auto"
+    alpha: float = Field(0.01, gt=0, lt=0.5, description="Significance level of each rule's one-sided test")
+    cooldown_minutes: float = Field(30, ge=0, description="No new drift trigger this long after any retrain")
 
 
 class Output(_Strict):
@@ -141,6 +149,15 @@ class Output(_Strict):
     json_schema: dict[str, Any] = Field(default_factory=dict, description="JSON schema of the answer object")
     valid_tools: list[str] = Field(default_factory=list)
     intents: list[str] = Field(default_factory=list, description="Known intent labels, when the task has them")
+
+
+class Execution(_Strict):
+    """How a request is executed (docs/plan-execute.md). ``direct``: one answer per request. ``plan_and_execute``:
+    the teacher first splits the request into at most ``max_steps`` steps (instruction, intent, tool), then each
+    step is routed like a direct request (student when live and confident, else the teacher)."""
+
+    mode: Literal["direct", "plan_and_execute"] = "direct"
+    max_steps: int = Field(6, ge=1, le=32, description="Most steps a plan may have; a longer plan is refused")
 
 
 class AgentConfig(_Strict):
@@ -156,6 +173,7 @@ class AgentConfig(_Strict):
     routing: Routing = Field(default_factory=Routing)
     drift: Drift = Field(default_factory=Drift)
     output: Output = Field(default_factory=Output)
+    execution: Execution = Field(default_factory=Execution)
     system_prompt: str | None = None
 
     @field_validator("agent_id")

@@ -67,3 +67,11 @@ def fold(agent_id: str, events: list[LifecycleEvent]) -> AgentLifecycle:
     for event in sorted(events, key=lambda e: e.created_at):
         state = apply(state, event)
     return state
+
+
+def event_key(event: LifecycleEvent) -> tuple[str, str]:
+    """The identity of a lifecycle event, so one read from ClickHouse and again from a topic counts once. A
+    snapshot announced again (a reused snapshot serving a new trigger) is a new event: its created_at differs."""
+    if isinstance(event, DatasetSnapshot):
+        return ("ds", f"{event.snapshot_id}@{event.created_at.isoformat()}")
+    return (type(event).__name__, event.event_id)

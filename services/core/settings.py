@@ -99,6 +99,8 @@ class Settings(BaseSettings):
 
     # Services.
     curator_check_interval_s: float = Field(10.0, gt=0, description="How often the curator checks grace progress")
+    dashboard_port: int = Field(8765, ge=1, le=65535, description="Port of flywheel dashboard (--port overrides)")
+    drift_check_interval_s: float = Field(30.0, gt=0, description="How often the drift monitor checks the windows")
 
     # Local stack only: where the stand-ins find their binaries and keep their data (defaults under home).
     tansu_bin: Path | None = None

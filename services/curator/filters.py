@@ -36,7 +36,7 @@ class Pair:
     teacher_content: str | None
     teacher_tool_calls: str = "[]"
     teacher_error: str | None = None
-    finish_reason: str | None = None  # None when unknown (interactions does not store it yet): not judged
+    finish_reason: str | None = None  # teacher_finish_reason (0004); None when unknown: not judged
     intent: str | None = None  # the effective intent (client > teacher > cluster)
     gold: str | None = None  # metadata gold_intent
     received_at: datetime | None = None
@@ -63,8 +63,12 @@ def teacher_error(pair: Pair, agent: AgentConfig) -> str | None:
 
 
 def not_final(pair: Pair, agent: AgentConfig) -> str | None:
-    """A cut answer (finish_reason ``length``, ``content_filter``...) is not what the teacher meant to say."""
-    if pair.finish_reason is None or pair.finish_reason in FINAL_REASONS:
+    """A cut answer (finish_reason ``length``, ``content_filter``...) is not what the teacher meant to say.
+
+    Unknown (None: rows from before 0004, servers that send none) or empty is not judged; the JSON filters
+    still catch a cut object. Compared case-folded, as servers differ in case."""
+    reason = (pair.finish_reason or "").strip().casefold()
+    if not reason or reason in FINAL_REASONS:
         return None
     return f"finish_reason {pair.finish_reason}"
 

@@ -96,6 +96,7 @@ SELECT
     i.teacher_content AS teacher_content,
     i.teacher_tool_calls AS teacher_tool_calls,
     i.teacher_error AS teacher_error,
+    i.teacher_finish_reason AS finish_reason,
     {EFFECTIVE_INTENT} AS intent,
     nullIf(i.metadata['gold_intent'], '') AS gold,
     i.received_at AS received_at

@@ -34,7 +34,7 @@ from services.core.agents import AgentConfig, AgentsFile, load_agents
 from services.core.codec import AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
 from services.core.kafka import Publisher, create_consumer, create_producer
-from services.core.lifecycle import LifecycleEvent, fold
+from services.core.lifecycle import LifecycleEvent, event_key, fold
 from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered, utcnow
 from services.core.settings import Settings
 from services.curator import labelling, queries
@@ -59,12 +59,6 @@ class Action:
     kind: str  # build | grace | retry | idle
     trigger: RetrainTriggered | None = None  # build: the trigger to serve
     rejected_at: datetime | None = None  # retry: when the last student was rejected
-
-
-def event_key(event: LifecycleEvent) -> tuple[str, str]:
-    if isinstance(event, DatasetSnapshot):
-        return ("ds", f"{event.snapshot_id}@{event.created_at.isoformat()}")
-    return (type(event).__name__, event.event_id)
 
 
 def decide(agent_id: str, events: Iterable[LifecycleEvent]) -> Action:
@@ -142,6 +136,7 @@ def read_pairs(ch: Client, agent_id: str, until: datetime) -> list[Pair]:
                 teacher_content=r["teacher_content"],
                 teacher_tool_calls=r["teacher_tool_calls"] or "[]",
                 teacher_error=r["teacher_error"],
+                finish_reason=r["finish_reason"],
                 intent=r["intent"],
                 gold=r["gold"],
                 received_at=_utc(r["received_at"]),

@@ -1,5 +1,5 @@
-"""Records → ClickHouse rows (pure): the column layouts of ``infra/clickhouse/0001`` and ``0002`` and the
-mapping of each record onto them.
+"""Records → ClickHouse rows (pure): the column layouts of ``infra/clickhouse/0001``, ``0002`` and ``0004`` and
+the mapping of each record onto them.
 
 Interactions are mapped twice, on purpose:
 
@@ -62,6 +62,7 @@ INTERACTION_COLUMNS: tuple[str, ...] = (
     *(f"student_{name}" for name in ANSWER_FIELDS),
     "student_model_version",
     "student_confidence",
+    "teacher_finish_reason",  # 0004; teacher only: the curator's not_final filter reads it
     "cost_usd",
     "teacher_only_cost_usd",
 )
@@ -116,6 +117,7 @@ def interaction_row(rec: Interaction) -> tuple[Any, ...]:
         *_answer(student),
         (student.model_version or "") if student is not None else "",
         student.confidence if student is not None else None,
+        rec.teacher.finish_reason if rec.teacher is not None else None,
         rec.cost_usd,
         rec.teacher_only_cost_usd,
     )
@@ -168,6 +170,7 @@ _INTERACTION_EXPRESSIONS: tuple[str, ...] = (
     *_answer_sql("student"),
     "ifNull(tupleElement(src.student, 'model_version'), '')",
     "tupleElement(src.student, 'confidence')",
+    "tupleElement(src.teacher, 'finish_reason')",  # NULL inside a null teacher tuple too
     "src.cost_usd",
     "src.teacher_only_cost_usd",
 )

@@ -67,6 +67,7 @@ class LocalStack:
             ServiceProcess.for_service(self.settings, "router"),
             ServiceProcess.for_service(self.settings, "curator"),
             ServiceProcess.for_service(self.settings, "trainer"),
+            ServiceProcess.for_service(self.settings, "drift_monitor"),
         ]
 
     def up(self, progress: Callable[[str, str], None] = lambda name, msg: None) -> dict[str, dict[str, str]]:

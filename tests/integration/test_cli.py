@@ -52,7 +52,8 @@ def test_status_shows_each_part_and_the_broker_caveat(stack, settings: Settings)
     out = run(settings, "status")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    for part in ("broker", "clickhouse", "triton", "teacher", "logger", "router", "curator", "trainer"):
+    services = ("logger", "router", "curator", "trainer", "drift_monitor")
+    for part in ("broker", "clickhouse", "triton", "teacher", *services):
         row = next((line for line in lines if f" {part} " in line), "")
         # This module starts only the infrastructure; the services may or may not run by now.
         assert ("running" in row) if part in ("broker", "clickhouse", "triton", "teacher") else row, part
@@ -185,11 +186,11 @@ def test_up_status_down_cycle(tmp_path: Path, settings: Settings) -> None:
         for where in (ports["FLYWHEEL_KAFKA_BOOTSTRAP"], ports["FLYWHEEL_CLICKHOUSE_URL"]):
             assert where in up.stdout
         again = run(settings, "up", timeout=120, **ports)
-        assert again.returncode == 0 and again.stdout.count("already running") == 8, again.stdout
+        assert again.returncode == 0 and again.stdout.count("already running") == 9, again.stdout
     finally:
         down = run(settings, "down", **ports)
     assert down.returncode == 0, down.stderr
-    parts = ("broker", "triton", "teacher", "router", "logger", "curator", "trainer")
+    parts = ("broker", "triton", "teacher", "router", "logger", "curator", "trainer", "drift_monitor")
     assert all(part in down.stdout for part in parts)
     status = run(settings, "status", **ports)
-    assert status.stdout.count("stopped") == 8
+    assert status.stdout.count("stopped") == 9

@@ -255,3 +255,20 @@ def test_decide_follows_the_lifecycle() -> None:
     assert got.kind == "retry" and got.rejected_at == rejected.created_at
     assert decide("a", [promoted]).kind == "idle"
     assert decide("b", [trig]).kind == "grace"
+
+
+# The teacher's finish_reason (interactions.teacher_finish_reason, migration 0004) -----------------------------
+def test_not_final_drops_answers_the_teacher_did_not_finish() -> None:
+    # Final, or unknown (rows written before 0004, servers that send none): kept.
+    for reason in ("stop", "tool_calls", "STOP", None, ""):
+        assert filters.not_final(pair("1", finish_reason=reason), AGENT) is None, reason
+    # Set and not final: dropped, naming the reason.
+    for reason in ("length", "content_filter", "max_tokens"):
+        assert filters.not_final(pair("1", finish_reason=reason), AGENT) == f"finish_reason {reason}"
+    # In curate: a well-formed answer cut by the token limit is counted under not_final, not kept.
+    result = curate(
+        [pair("a", "where is my card"), pair("b", "my card was stolen", answer("lost_card"), finish_reason="length")],
+        AGENT,
+    )
+    assert [p.request_id for p in result.kept] == ["a"]
+    assert result.stats["not_final"] == 1 and result.examples["not_final"] == ["b"]

@@ -143,11 +143,21 @@ def cases(agent: str = "support") -> dict[str, Interaction]:
             6,
             messages=[ChatMessage(role="system", content="tools only")],
             teacher=teacher_answer(
-                content=None, tool_calls=[ToolCall(id="call_1", name="track_card", arguments='{"card": "visa"}')]
+                content=None,
+                tool_calls=[ToolCall(id="call_1", name="track_card", arguments='{"card": "visa"}')],
+                finish_reason="tool_calls",
             ),
             tools='[{"type":"function","function":{"name":"track_card"}}]',
             intent=None,
             metadata={},
+        ),
+        "teacher_cut_off": interaction(
+            agent,
+            7,
+            teacher=teacher_answer(content='{"intent":"card_arr', finish_reason="length"),
+            student=student_answer(confidence=0.2, finish_reason="stop"),
+            route_reason="low_confidence",
+            lifecycle_stage="live",
         ),
     }
 
@@ -159,9 +169,15 @@ def as_dict(rec: Interaction) -> dict:
 
 
 def test_columns_are_the_tables_minus_defaults() -> None:
-    ddl = (Path(__file__).resolve().parents[2] / "infra" / "clickhouse" / "0001_interactions.sql").read_text()
+    migrations = Path(__file__).resolve().parents[2] / "infra" / "clickhouse"
+    ddl = (migrations / "0001_interactions.sql").read_text()
     body = ddl[ddl.index("(") + 1 : ddl.index("ENGINE")]
     table_columns = re.findall(r"^\s{4}(\w+)\s", body, flags=re.M)
+    # Columns added by later migrations (0004 teacher_finish_reason...).
+    for path in sorted(migrations.glob("[0-9]*.sql")):
+        table_columns += re.findall(
+            r"ALTER TABLE interactions ADD COLUMN IF NOT EXISTS (\w+)\s", path.read_text(), flags=re.M
+        )
     assert set(table_columns) - set(INTERACTION_COLUMNS) == {"intent_source", "inserted_at"}  # both DEFAULT
     assert set(INTERACTION_COLUMNS) <= set(table_columns)
     assert len(set(INTERACTION_COLUMNS)) == len(INTERACTION_COLUMNS)
@@ -224,6 +240,16 @@ def test_fallbacks_and_errors() -> None:
     failed_teacher = as_dict(cases()["teacher_error"])
     assert failed_teacher["teacher_ran"] is True and failed_teacher["served_by"] == "none"
     assert failed_teacher["teacher_error"] == "HTTP 503 from teacher" and failed_teacher["teacher_content"] is None
+
+
+def test_teacher_finish_reason() -> None:
+    """The teacher's finish_reason has a column (0004) for the curator's not_final filter; NULL when the
+    teacher did not run or did not say; the student's finish_reason is not stored."""
+    rows = {name: as_dict(rec) for name, rec in cases().items()}
+    assert rows["teacher_only"]["teacher_finish_reason"] is None  # the teacher did not say
+    assert rows["student_only"]["teacher_finish_reason"] is None  # the teacher did not run
+    assert rows["teacher_cut_off"]["teacher_finish_reason"] == "length"  # the student's "stop" is not stored
+    assert rows["tool_calls_no_user"]["teacher_finish_reason"] == "tool_calls"
 
 
 def test_tool_calls_and_no_user_message() -> None:

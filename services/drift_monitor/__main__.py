@@ -1,0 +1,3 @@
+from services.drift_monitor.service import main
+
+main()
