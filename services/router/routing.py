@@ -27,6 +27,11 @@ CONFIDENT = "confident"  # the student answered above the confidence threshold
 LOW_CONFIDENCE = "low_confidence"  # the student was unsure: the teacher answered (training data)
 STUDENT_ERROR = "student_error"  # the student could not answer: the teacher answered
 MODE_STUDENT = "mode_student"  # the agent is pinned to the student
+# Plan-and-execute (plan.py, docs/plan-execute.md): the plan's own interaction, and the direct answer when the
+# plan could not be used. The steps are routed by the rules below and carry their reasons.
+PLAN = "plan"  # the teacher's plan, executed step by step
+PLAN_INVALID = "plan_invalid"  # the teacher's plan was refused (bad JSON, too many steps...): see plan_fallback
+PLAN_FALLBACK = "plan_fallback"  # ... so the teacher answered the request directly
 
 
 @dataclass(frozen=True)

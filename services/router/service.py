@@ -17,7 +17,7 @@ import signal
 import time
 from collections import Counter
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -42,6 +42,7 @@ from services.core.records import (
 )
 from services.core.settings import Settings
 from services.core.student import StudentAnswer, StudentClient, StudentUnavailable
+from services.router import plan as plan_logic
 from services.router import routing
 from services.router.state import RouterState
 from services.teacher.base import Completion, Teacher, TeacherError, approx_tokens
@@ -55,6 +56,8 @@ GROUP = "flywheel-router"
 class Outcome:
     response: InferenceResponse
     interaction: Interaction
+    # Plan-and-execute: the steps' interactions (or the direct fallback's), beside the plan's in `interaction`.
+    steps: list[Interaction] = field(default_factory=list)
 
 
 class Router:
@@ -137,10 +140,18 @@ class Router:
 
     # One request --------------------------------------------------------------------------------------
     async def serve(self, request: InferenceRequest, received_at: datetime) -> Outcome:
-        """Route one request and build its response and interaction (no Kafka I/O: testable alone)."""
+        """Route one request and build its response and interaction(s) (no Kafka I/O: testable alone)."""
+        if self.agents.agent(request.agent_id).execution.mode == "plan_and_execute":
+            return await self._serve_plan(request, received_at)
+        return await self._serve_direct(request, received_at)
+
+    async def _serve_direct(
+        self, request: InferenceRequest, received_at: datetime, first: routing.Plan | None = None
+    ) -> Outcome:
+        """One answer for the request by the routing rules (``first`` forces the first routing decision)."""
         view = self.state.view(request.agent_id)
         rt = self.state.runtime_of(request.agent_id)
-        first = routing.plan(view, self.rng.random())
+        first = first or routing.plan(view, self.rng.random())
         teacher: Answer | None = None
         student: Answer | None = None
         shadow = training = False
@@ -202,6 +213,123 @@ class Router:
         self.stats[f"reason_{reason}"] += 1
         return Outcome(response, interaction)
 
+    # Plan-and-execute (plan.py) -----------------------------------------------------------------------
+    async def _serve_plan(self, request: InferenceRequest, received_at: datetime) -> Outcome:
+        """The teacher's plan, then each step routed like a direct request, in order (a step may rely on the
+        one before); one response with every step's answer. A plan that cannot be used is recorded
+        (``plan_invalid``) and the request answered directly by the teacher (``plan_fallback``)."""
+        cfg = self.agents.agent(request.agent_id)
+        stage = self.state.runtime_of(request.agent_id).lifecycle.stage
+        max_steps = cfg.execution.max_steps
+        # No tools on the planning request: the plan is JSON content, not a tool call.
+        plan_request = request.model_copy(
+            update={"messages": plan_logic.plan_messages(request.messages, max_steps), "tools": None}
+        )
+        answer = await self._ask_teacher(plan_request)
+        planned_at = utcnow()
+        try:
+            if answer.error is not None:
+                raise plan_logic.PlanError(f"the teacher gave no plan: {answer.error}")
+            if answer.finish_reason == "length":
+                raise plan_logic.PlanError("the teacher's plan was cut off (finish_reason length; raise max_tokens)")
+            plan = plan_logic.parse_plan(
+                answer.content,
+                max_steps=max_steps,
+                valid_tools=cfg.output.valid_tools,
+                valid_intents=cfg.output.intents,
+            )
+        except plan_logic.PlanError as exc:
+            self.stats["plans_invalid"] += 1
+            log.warning("router: %s (agent %s): %s; answering directly", request.request_id, request.agent_id, exc)
+            direct = request.model_copy(
+                update={
+                    "request_id": plan_logic.fallback_request_id(request.request_id),
+                    "metadata": plan_logic.plan_metadata(request, None),
+                }
+            )
+            out = await self._serve_direct(direct, planned_at, first=routing.Plan(False, routing.PLAN_FALLBACK))
+            plan_row = self._plan_interaction(
+                plan_request, request, answer, None, str(exc), stage, received_at, planned_at
+            )
+            response = out.response.model_copy(
+                update={
+                    "request_id": request.request_id,
+                    "cost_usd": answer.cost_usd + out.response.cost_usd,
+                    "latency_ms": (utcnow() - received_at).total_seconds() * 1000,
+                }
+            )
+            return Outcome(response, plan_row, [out.interaction])
+        self.stats["plans"] += 1
+        steps: list[Interaction] = []
+        results: list[plan_logic.StepResult] = []
+        for index, step in enumerate(plan.steps):
+            out = await self._serve_direct(plan_logic.step_request(request, plan, index), utcnow())
+            got = out.response
+            steps.append(out.interaction)
+            results.append(
+                plan_logic.StepResult(
+                    index=index,
+                    instruction=step.instruction,
+                    served_by=got.served_by,
+                    content=got.content,
+                    tool_calls=tuple(got.tool_calls),
+                    confidence=got.confidence,
+                    model_version=got.model_version,
+                    error=got.error,
+                    cost_usd=out.interaction.cost_usd,
+                )
+            )
+        combined = plan_logic.combine(answer.cost_usd, results)
+        responded_at = utcnow()
+        response = InferenceResponse(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            agent_id=request.agent_id,
+            content=combined.content,
+            tool_calls=combined.tool_calls,
+            served_by=combined.served_by,
+            model_version=combined.model_version,
+            confidence=combined.confidence,
+            latency_ms=(responded_at - received_at).total_seconds() * 1000,
+            cost_usd=combined.cost_usd,
+            error=combined.error,
+        )
+        plan_row = self._plan_interaction(plan_request, request, answer, plan, None, stage, received_at, planned_at)
+        return Outcome(response, plan_row, steps)
+
+    def _plan_interaction(
+        self,
+        plan_request: InferenceRequest,
+        request: InferenceRequest,
+        answer: Answer,
+        plan: plan_logic.ExecutionPlan | None,
+        error: str | None,
+        stage: str,
+        received_at: datetime,
+        planned_at: datetime,
+    ) -> Interaction:
+        """The plan's own interaction, under the request's id. Not training data: the student executes steps,
+        it does not plan. Its cost is the planning call alone (each step's interaction carries its own)."""
+        ok = error is None
+        return Interaction(
+            request_id=request.request_id,
+            conversation_id=request.conversation_id,
+            agent_id=request.agent_id,
+            messages=plan_request.messages,
+            tools=None,
+            intent=request.intent,
+            metadata=plan_logic.plan_metadata(request, plan, error),
+            teacher=answer,
+            served_by="teacher" if ok else "none",
+            route_reason=routing.PLAN if ok else routing.PLAN_INVALID,
+            training_candidate=False,
+            lifecycle_stage=stage,
+            cost_usd=answer.cost_usd,
+            teacher_only_cost_usd=answer.cost_usd,
+            received_at=received_at,
+            responded_at=planned_at,
+        )
+
     # Kafka wiring -------------------------------------------------------------------------------------
     async def _dead_letter(self, msg: ConsumerRecord, kind: str, reason: str) -> None:
         assert self.publisher is not None
@@ -250,6 +378,8 @@ class Router:
             await self.publisher.send_nowait(reply_topic, outcome.response, request.conversation_id),
             await self.publisher.send_nowait(topics.INTERACTIONS, outcome.interaction, request.request_id),
         ]
+        for step in outcome.steps:  # plan-and-execute: every step is an interaction of its own
+            sent.append(await self.publisher.send_nowait(topics.INTERACTIONS, step, step.request_id))
         for fut in sent:
             await fut
 

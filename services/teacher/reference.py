@@ -19,6 +19,11 @@ Latency: lognormal with median ``latency_ms`` and shape ``latency_sigma`` (0.4: 
 what hosted frontier models show for short answers), capped at 10 × the median; 0 means instant. Token counts
 are approximate (``approx_tokens``: characters / 4, rounded up).
 
+Plan-and-execute (docs/plan-execute.md): a chat whose system messages carry the router's plan marker
+(``services.router.plan.PLAN_MARKER``) gets a plan, ``{"steps": [{"instruction", "intent", "tool"}, ...]}`` with
+one step per intent of the last user message (``Workload.plan_for``); a message in the form of one of those
+instructions (``STEP_INSTRUCTION``) is answered for that step's intent alone, like a single-intent message.
+
 ``ReferenceTeacher`` also implements the ``Teacher`` interface in process (for unit tests of code that needs a
 teacher); the local stack serves it over HTTP (``server.py``) so the router always talks HTTP to its teacher.
 """
@@ -42,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from services.core.records import ChatMessage, ToolCall
+from services.router.plan import is_plan_request
 from services.teacher.base import Completion, TeacherError, approx_tokens
-from services.teacher.workloads import Example, Workload, load_workloads
+from services.teacher.workloads import STEP_INSTRUCTION_RE, Example, Workload, load_workloads
 
 if TYPE_CHECKING:
     from services.core.settings import Settings
@@ -53,6 +59,7 @@ FLAW_KINDS = ("hedge", "invalid_tool", "malformed_json")
 DEFAULT_LATENCY_SIGMA = 0.4
 NEAREST_CACHE = 65536  # memoised nearest-neighbour lookups per workload
 LATENCY_CAP = 10.0  # × median: a lognormal tail past this is no longer realistic, only slow tests
+PLAN_FLAW_SALT = "plan\x1f"  # a plan's flaw is drawn apart from the flaw of the same message's direct answer
 
 # Hedging, as language models do it; {r} is the reply with its first letter lower-cased, {R} as is.
 HEDGE_TEMPLATES = (
@@ -196,6 +203,7 @@ class ReferenceAnswer:
     match: str  # "exact", "nearest" or "hashed" (nothing in common with any example)
     similarity: float
     example: Example
+    kind: str = "answer"  # "answer", "step" (a plan step's instruction, for its intent) or "plan"
 
 
 class UnknownModel(LookupError):
@@ -312,18 +320,72 @@ class ReferenceTeacher:
     def flaw_for(self, text: str) -> str | None:
         return flaw_for(self.seed, text, self.flaw_rate)
 
+    def answer_chat(
+        self,
+        model: str,
+        messages: Sequence[tuple[str, str]],
+        *,
+        tools: bool = False,
+        flaws: bool = True,
+        max_tokens: int | None = None,
+    ) -> ReferenceAnswer:
+        """The answer to a chat (``(role, text)`` pairs): a plan when a system message carries the plan marker,
+        else the answer to the last user message (``answer``)."""
+        text = last_user_text(messages)
+        if is_plan_request(messages):
+            return self.plan(model, text, flaws=flaws, max_tokens=max_tokens)
+        return self.answer(model, text, tools=tools, flaws=flaws, max_tokens=max_tokens)
+
+    def plan(self, model: str, text: str, *, flaws: bool = True, max_tokens: int | None = None) -> ReferenceAnswer:
+        """A plan for one user message: ``{"steps": [...]}``, one step per intent of the message (of its nearest
+        example when it is not in the data set). Flaws, drawn apart from the direct answer's: an invented tool
+        in the first step, or broken JSON (a hedge has nothing to hedge in a plan: no flaw then)."""
+        served = self._served_for(model)
+        i, match, similarity = served.find(text)
+        obj = {"steps": served.workload.plan_for(text, served.examples[i])}
+        content = json.dumps(obj)
+        finish = "stop"
+        flaw = self.flaw_for(PLAN_FLAW_SALT + text) if flaws else None
+        if flaw == "hedge":
+            flaw = None
+        elif flaw is not None:
+            _, choice = _unit(self.seed + 1, PLAN_FLAW_SALT + text)
+            if flaw == "invalid_tool":
+                first = obj["steps"][0]
+                first["tool"] = invented_tool(first["tool"], served.workload.tools, choice)
+                content = json.dumps(obj)
+            else:
+                content, variant = malform(obj, content, choice)
+                finish = "length" if variant == "cut_off" else finish
+        if max_tokens is not None and approx_tokens(content) > max_tokens:
+            content, finish = content[: max(0, max_tokens) * 4], "length"
+        return ReferenceAnswer(model, content, None, finish, flaw, match, similarity, served.examples[i], "plan")
+
     def answer(
         self, model: str, text: str, *, tools: bool = False, flaws: bool = True, max_tokens: int | None = None
     ) -> ReferenceAnswer:
         """The answer to one user message. ``tools``: the request offered tools, so the answer also carries a
-        tool call. ``flaws=False`` switches flaws off (tests, the X-Reference-Flaws: 0 header)."""
+        tool call. ``flaws=False`` switches flaws off (tests, the X-Reference-Flaws: 0 header). A message in
+        the form of a plan step's instruction (``STEP_INSTRUCTION``) naming an intent of the workload is
+        answered for that intent alone, with the arguments of the message it quotes."""
         served = self._served_for(model)
-        i, match, similarity = served.find(text)
-        if match == "exact":  # the hot path: precomputed
-            base, content, arguments = served.answers[i], served.texts[i], served.argument_texts[i]
-        else:
-            base = served.workload.answer_for(served.examples[i], text)
+        kind = "answer"
+        step = STEP_INSTRUCTION_RE.match(text)
+        if step is not None and served.workload.has_intent(step["intent"]):
+            kind = "step"
+            quoted = step["text"]
+            i, match, similarity = served.find(quoted)
+            example = served.examples[i]
+            args = example.arguments if match == "exact" else served.workload.arguments_for(quoted, example)
+            base = served.workload.intent_answer(step["intent"], args)
             content, arguments = json.dumps(base), json.dumps(base["arguments"])
+        else:
+            i, match, similarity = served.find(text)
+            if match == "exact":  # the hot path: precomputed
+                base, content, arguments = served.answers[i], served.texts[i], served.argument_texts[i]
+            else:
+                base = served.workload.answer_for(served.examples[i], text)
+                content, arguments = json.dumps(base), json.dumps(base["arguments"])
         tool = base["tool"]
         finish = "stop"
         flaw = self.flaw_for(text) if flaws else None
@@ -347,7 +409,7 @@ class ReferenceTeacher:
             content, tool_call, finish = content[: max(0, max_tokens) * 4], None, "length"
         elif tool_call is not None and finish == "stop":
             finish = "tool_calls"
-        return ReferenceAnswer(model, content, tool_call, finish, flaw, match, similarity, served.examples[i])
+        return ReferenceAnswer(model, content, tool_call, finish, flaw, match, similarity, served.examples[i], kind)
 
     def sample_latency_ms(self, median_ms: float | None = None, sigma: float | None = None) -> float:
         """One draw of the latency model (milliseconds)."""
@@ -369,9 +431,9 @@ class ReferenceTeacher:
     ) -> Completion:
         start = time.perf_counter()
         try:
-            ans = self.answer(
+            ans = self.answer_chat(
                 model,
-                last_user_text((m.role, m.content) for m in messages),
+                [(m.role, m.content) for m in messages],
                 tools=bool(tools and tools.strip() not in ("", "[]", "null")),
                 max_tokens=max_tokens,
             )

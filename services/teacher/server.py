@@ -29,7 +29,7 @@ from typing import Any
 from aiohttp import web
 
 from services.teacher.base import approx_tokens
-from services.teacher.reference import ReferenceTeacher, UnknownModel, last_user_text, prompt_tokens
+from services.teacher.reference import ReferenceTeacher, UnknownModel, prompt_tokens
 
 TEACHER_KEY: web.AppKey[ReferenceTeacher] = web.AppKey("teacher", ReferenceTeacher)
 OWNER = "slm-flywheel-reference-teacher"
@@ -128,7 +128,8 @@ async def chat_completions(request: web.Request) -> web.Response:
         median = _header_float(request, "X-Reference-Latency-Ms")
         sigma = _header_float(request, "X-Reference-Latency-Sigma")
         try:
-            ans = teacher.answer(model, last_user_text(pairs), tools=bool(tools), flaws=flaws, max_tokens=max_tokens)
+            # answer_chat: the last user message's answer, or a plan when a system message asks for one.
+            ans = teacher.answer_chat(model, pairs, tools=bool(tools), flaws=flaws, max_tokens=max_tokens)
         except UnknownModel as exc:
             raise BadRequest(str(exc), "model", status=404, code="model_not_found") from exc
     except BadRequest as exc:

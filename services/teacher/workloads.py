@@ -17,7 +17,9 @@ answer token costs training and inference time::
 
 ``Workload`` exposes ``name``, ``intents``, ``tools``, ``tool_for_intent``, ``examples(split)``,
 ``output_schema()`` (a JSON schema for agents.yaml and format checks), ``answer_for(example)`` and
-``check_output(text)`` (the format-compliance check without a JSON-schema library).
+``check_output(text)`` (the format-compliance check without a JSON-schema library), and for plan-and-execute
+(docs/plan-execute.md) ``plan_for(text, example)`` (one step per intent) and ``intent_answer(intent, arguments)``
+(a step's answer).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ from typing import Any
 WORKLOAD_NAMES = ("banking77", "nlupp")
 SPLITS = ("train", "test", "all")
 NO_INTENT = "inform"  # NLU++ messages with slots but no intent label: the user only gives information
+# The instruction of a step in the reference teacher's plans; it answers a request whose last user message has
+# this form for that one intent (``STEP_INSTRUCTION_RE``), reading the arguments from the quoted message.
+STEP_INSTRUCTION = "Handle only the '{intent}' part of: {text}"
+STEP_INSTRUCTION_RE = re.compile(r"^Handle only the '(?P<intent>[^'\n]+)' part of: (?P<text>.+)$", re.DOTALL)
 
 # BANKING77: 77 intents onto 15 tools (each intent in exactly one list; a unit test checks the cover).
 BANKING77_TOOLS: dict[str, tuple[str, ...]] = {
@@ -370,6 +376,30 @@ class Workload:
 
     def reply_for(self, intent: str) -> str:
         return self.replies[self.tool_for_intent(intent) if self.multi_label else intent]
+
+    def has_intent(self, intent: str) -> bool:
+        """Whether ``intent`` is one of the workload's atomic labels (NLU++: one part of a ``+`` label)."""
+        return intent in self._tool_of
+
+    def intent_answer(self, intent: str, arguments: Mapping[str, str]) -> dict[str, Any]:
+        """The contract's answer for one atomic intent: what a plan step for that intent is answered with."""
+        return {
+            "intent": intent,
+            "tool": self.tool_for_intent(intent),
+            "arguments": dict(arguments),
+            "reply": self.reply_for(intent),
+        }
+
+    def plan_for(self, text: str, example: Example) -> list[dict[str, str]]:
+        """A plan for ``text``, labelled like ``example`` (itself or its nearest neighbour): one step per atomic
+        intent, in tool-table rank order (most specific first: block a lost card before answering a question),
+        ties by name; each step's instruction quotes the whole message (``STEP_INSTRUCTION``), so it stands on
+        its own and its arguments can be read from it."""
+        intents = sorted(set(example.intents), key=lambda i: (self._rank.get(i, len(self._rank)), i))
+        return [
+            {"instruction": STEP_INSTRUCTION.format(intent=i, text=text), "intent": i, "tool": self.tool_for_intent(i)}
+            for i in intents
+        ]
 
     def examples(self, split: str = "all") -> list[Example]:
         """Labelled messages of a split: ``train``, ``test`` or ``all``. BANKING77 has its own train/test

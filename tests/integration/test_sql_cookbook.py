@@ -32,6 +32,8 @@ GRACE_AT = TODAY - timedelta(days=3) + timedelta(hours=10)  # the first request
 DAY2_AT = TODAY - timedelta(days=2) + timedelta(hours=10)
 DAY1_AT = TODAY - timedelta(days=1) + timedelta(hours=10)
 LOOKUP_ID = f"{AGENT}-shadow-agree"
+PLAN_AGENT = f"{AGENT}-plan"  # plan-and-execute rows, apart so the other queries' figures stay as they are
+PLAN_QUERIES = {"plan_steps"}
 
 
 def queries() -> dict[str, str]:
@@ -180,7 +182,7 @@ def seed_rows() -> list[Interaction]:
 @pytest.fixture(scope="module")
 def ch(clickhouse, settings: Settings) -> Iterator[Client]:
     codec = AvroCodec()
-    records = seed_rows()
+    records = seed_rows() + plan_rows()
     sink = InteractionSink(settings, codec=codec)
     try:
         result = sink.write([codec.encode(r) for r in records])
@@ -197,7 +199,7 @@ def results(ch: Client) -> dict[str, list[dict[str, Any]]]:
     out = {}
     for name, sql in queries().items():
         used = set(re.findall(r"\{(\w+):\w+\}", sql))
-        params = {"agent": AGENT, "days": 30, "request_id": LOOKUP_ID}
+        params = {"agent": PLAN_AGENT if name in PLAN_QUERIES else AGENT, "days": 30, "request_id": LOOKUP_ID}
         assert used <= set(params), f"{name}: unknown parameters {used - set(params)}"
         res = ch.query(sql, parameters={k: v for k, v in params.items() if k in used})
         out[name] = [dict(zip(res.column_names, r, strict=True)) for r in res.result_rows]
@@ -225,6 +227,7 @@ def test_every_query_is_checked(results: dict) -> None:
         "cost_savings",
         "latency_by_route",
         "request_by_id",
+        "plan_steps",
     }, "a query was added to docs/sql.md: give it a check here"
 
 
@@ -319,3 +322,48 @@ def test_request_by_id(results: dict) -> None:
     [got] = results["request_by_id"]
     assert (got["request_id"], got["served_by"], got["route_reason"]) == (LOOKUP_ID, "student", "confident")
     assert got["user_text"] == "question shadow-agree" and got["student_confidence"] == pytest.approx(0.9)
+
+
+# Plan-and-execute (docs/plan-execute.md) ------------------------------------------------------------------
+def plan_rows() -> list[Interaction]:
+    """Three planned requests under PLAN_AGENT: two plans of two steps, and a refused plan answered directly."""
+    t, s, p = 0.002, 0.0005, 0.003  # a teacher answer, a student answer, a plan
+
+    def planned(name: str, plan: str, step: int | None, **kw: Any) -> Interaction:
+        rec = row(name, DAY1_AT, stage="live", **kw)
+        meta = {"plan_id": plan, "step_count": "2"}
+        if step is not None:
+            meta |= {"step_index": str(step), "step": f"do part {step}"}
+        return rec.model_copy(update={"agent_id": PLAN_AGENT, "metadata": meta})
+
+    plan = {"served_by": "teacher", "reason": "plan", "teacher": answer("plan", 300.0), "cost": p, "baseline": p}
+    return [
+        planned("p1", "p1", None, **plan),
+        planned("p1-s0", "p1", 0, served_by="student", reason="confident", shadow=True,
+                teacher=answer("card", 400.0), student=answer("card", 50.0, confidence=0.9), cost=t + s, baseline=t),
+        planned("p1-s1", "p1", 1, served_by="student", reason="confident",
+                student=answer("how", 50.0, confidence=0.9), cost=s, baseline=t),
+        planned("p2", "p2", None, **plan),
+        planned("p2-s0", "p2", 0, served_by="student", reason="confident", shadow=True,
+                teacher=answer("card", 400.0), student=answer("pin", 50.0, confidence=0.9), cost=t + s, baseline=t),
+        planned("p2-s1", "p2", 1, served_by="teacher", reason="low_confidence",
+                teacher=answer("how", 400.0), student=answer("how", 50.0, confidence=0.2), cost=t + s, baseline=t),
+        planned("p3", "p3", None, served_by="none", reason="plan_invalid", teacher=answer("plan", 300.0),
+                cost=0.001, baseline=0.001),
+        planned("p3-direct", "p3", None, served_by="teacher", reason="plan_fallback",
+                teacher=answer("card+how", 400.0), cost=t, baseline=t),
+    ]  # fmt: skip
+
+
+def test_plan_steps(results: dict) -> None:
+    got = [
+        (r["step"], r["executions"], r["by_student"], r["by_teacher"], r["cost_usd"], r["shadow_samples"],
+         r["agreed"], r["agreement"])
+        for r in results["plan_steps"]
+    ]  # fmt: skip
+    assert got == [
+        ("plan", 3, 0, 2, 0.007, 0, 0, None),  # two plans and a refused one (served_by none)
+        ("0", 2, 2, 0, 0.005, 2, 1, 0.5),  # one shadow sample agrees, one names another intent
+        ("1", 2, 1, 1, 0.003, 0, 0, None),
+        ("direct", 1, 0, 1, 0.002, 0, 0, None),
+    ]

@@ -26,6 +26,7 @@ from services.teacher.reference import (
 from services.teacher.workloads import (
     BANKING77_REPLIES,
     BANKING77_TOOLS,
+    NLUPP_REPLIES,
     NLUPP_TOOLS,
     Workload,
     banking77_arguments,
@@ -373,3 +374,123 @@ def test_component_from_settings_and_its_checks(tmp_path: Path) -> None:
         comp.prepare()
     assert not comp.ready()  # nothing listens there
     ReferenceTeacherServer.from_settings(Settings(home=tmp_path, data_dir=DATA)).prepare()
+
+
+# Plan-and-execute: plans and step answers (docs/plan-execute.md) ---------------------------------------------
+PLAN_TEXT = "block my card cause I can't find it for last 3 hours"  # cancel_close_leave_freeze+card+lost_stolen
+
+
+def _plan_chat(text: str, system: str | None = "You route banking requests.") -> list[tuple[str, str]]:
+    from services.router.plan import plan_messages
+
+    messages = ([ChatMessage(role="system", content=system)] if system else []) + [
+        ChatMessage(role="user", content=text)
+    ]
+    return [(m.role, m.content) for m in plan_messages(messages, max_steps=6)]
+
+
+def test_a_plan_has_one_step_per_intent_most_specific_first(clean: ReferenceTeacher) -> None:
+    from services.router.plan import parse_plan
+    from services.teacher.workloads import STEP_INSTRUCTION
+
+    ans = clean.answer_chat(NLUPP, _plan_chat(PLAN_TEXT), tools=True)
+    assert (ans.kind, ans.finish_reason, ans.tool_call, ans.flaw) == ("plan", "stop", None, None)
+    steps = json.loads(ans.content)["steps"]
+    assert steps == [
+        {"instruction": STEP_INSTRUCTION.format(intent=i, text=PLAN_TEXT), "intent": i, "tool": tool}
+        for i, tool in (
+            ("lost_stolen", "card_block"),  # NLUPP_TOOLS rank: the card block first
+            ("card", "card_services"),
+            ("cancel_close_leave_freeze", "general_support"),
+        )
+    ]
+    # It is a plan the router accepts for the shipped NLU++ agents' contract.
+    agent = load_agents_file().agent("banking-planner")
+    plan = parse_plan(
+        ans.content, max_steps=6, valid_tools=agent.output.valid_tools, valid_intents=agent.output.intents
+    )
+    assert len(plan.steps) == 3
+    # Every NLU++ message: as many steps as intents. BANKING77: one step.
+    for ex in clean.workload(NLUPP).examples()[::40]:
+        got = json.loads(clean.answer_chat(NLUPP, _plan_chat(ex.text, None)).content)["steps"]
+        if clean.answer(NLUPP, ex.text).example is ex:  # not one of the few duplicated texts
+            assert sorted(s["intent"] for s in got) == sorted(ex.intents)
+    [one] = json.loads(clean.answer_chat(B77, _plan_chat("I am still waiting on my card?")).content)["steps"]
+    assert (one["intent"], one["tool"]) == ("card_arrival", "card_delivery_status")
+
+
+def load_agents_file():
+    from services.core.agents import load_agents
+
+    return load_agents(REPO_ROOT / "agents.yaml")
+
+
+def test_a_step_is_answered_for_its_intent_alone(clean: ReferenceTeacher) -> None:
+    steps = json.loads(clean.answer_chat(NLUPP, _plan_chat(PLAN_TEXT)).content)["steps"]
+    answers = []
+    for step in steps:
+        chat = [("system", "You route banking requests."), ("user", step["instruction"])]
+        ans = clean.answer_chat(NLUPP, chat)
+        assert ans.kind == "step" and ans.match == "exact" and ans.finish_reason == "stop"
+        answers.append(json.loads(ans.content))
+    assert answers[0] == {
+        "intent": "lost_stolen",
+        "tool": "card_block",
+        "arguments": {"time_period": "last 3 hours"},  # read from the quoted message
+        "reply": NLUPP_REPLIES["card_block"],
+    }
+    assert [a["intent"] for a in answers] == ["lost_stolen", "card", "cancel_close_leave_freeze"]
+    assert all(clean.workload(NLUPP).check_output(json.dumps(a)) == [] for a in answers)
+    # With tools, a step carries its tool call like any answer.
+    with_tools = clean.answer(NLUPP, steps[0]["instruction"], tools=True)
+    assert with_tools.tool_call == ("card_block", '{"time_period": "last 3 hours"}')
+    # An instruction naming no intent of the workload is just a message (nearest example).
+    other = clean.answer(NLUPP, f"Handle only the 'weather' part of: {PLAN_TEXT}")
+    assert other.kind == "answer"
+    # A quoted message outside the data set: the arguments are read from it.
+    unseen = clean.answer(NLUPP, "Handle only the 'card' part of: my card went missing yesterday, block it")
+    assert unseen.kind == "step" and json.loads(unseen.content)["intent"] == "card"
+
+
+def test_plans_only_without_the_marker_nothing_changes(clean: ReferenceTeacher) -> None:
+    chat = [("system", "You route banking requests."), ("user", PLAN_TEXT)]
+    assert clean.answer_chat(NLUPP, chat) == clean.answer(NLUPP, PLAN_TEXT)
+    assert clean.answer_chat(NLUPP, [("user", "[flywheel:plan] " + PLAN_TEXT)]).kind == "answer"  # users cannot
+
+
+def test_plans_have_flaws_too_deterministically(workloads: dict[str, Workload]) -> None:
+    from services.router.plan import PlanError, parse_plan
+
+    teacher = ReferenceTeacher(workloads, flaw_rate=1.0, seed=3)
+    tools = set(NLUPP_TOOLS)
+    kinds: dict[str | None, int] = {}
+    for ex in workloads["nlupp"].examples()[:120]:
+        ans = teacher.answer_chat(NLUPP, _plan_chat(ex.text))
+        assert ans == teacher.answer_chat(NLUPP, _plan_chat(ex.text))  # reproducible
+        kinds[ans.flaw] = kinds.get(ans.flaw, 0) + 1
+        if ans.flaw is None:  # the hedge draw: a plan has nothing to hedge
+            parse_plan(ans.content, max_steps=6, valid_tools=tools)
+        else:
+            with pytest.raises(PlanError):
+                parse_plan(ans.content, max_steps=6, valid_tools=tools)
+            assert (ans.finish_reason == "length") <= (ans.flaw == "malformed_json")
+    assert set(kinds) == {None, "invalid_tool", "malformed_json"}
+    # Switched off per request, as for answers.
+    assert teacher.answer_chat(NLUPP, _plan_chat(PLAN_TEXT), flaws=False).flaw is None
+
+
+def test_max_tokens_cuts_a_plan(clean: ReferenceTeacher) -> None:
+    ans = clean.answer_chat(NLUPP, _plan_chat(PLAN_TEXT), max_tokens=10)
+    assert ans.finish_reason == "length" and len(ans.content) == 40
+
+
+async def test_in_process_teacher_plans(clean: ReferenceTeacher) -> None:
+    from services.router.plan import plan_messages
+
+    done = await clean.complete(plan_messages([ChatMessage(role="user", content=PLAN_TEXT)], 6), model=NLUPP)
+    assert done.finish_reason == "stop" and done.tool_calls == []
+    assert [s["intent"] for s in json.loads(done.content)["steps"]] == [
+        "lost_stolen",
+        "card",
+        "cancel_close_leave_freeze",
+    ]
