@@ -9,11 +9,15 @@ teacher's answer names: the same rule as the ``interaction_intents`` view (``inf
 
 from __future__ import annotations
 
+# Plan rows of plan-and-execute agents (docs/plan-execute.md) name no intent and are no training pair: their
+# steps, with the same conversation id, are what the curator counts, labels and curates.
+NOT_PLAN = "route_reason NOT IN ('plan', 'plan_invalid')"
+
 # One row per request of the selected agents ({agents:Array(String)}), with its effective intent.
-_DEDUPED = """
+_DEDUPED = f"""
     SELECT *
     FROM interactions
-    WHERE has({agents:Array(String)}, agent_id)
+    WHERE has({{agents:Array(String)}}, agent_id) AND {NOT_PLAN}
     ORDER BY request_id, inserted_at DESC
     LIMIT 1 BY request_id
 """
@@ -54,14 +58,14 @@ WHERE i.received_at <= {{until:DateTime64(6, 'UTC')}}
 """
 
 # Interactions without a label row yet: what the labelling pass has to do (oldest request ids first).
-UNLABELLED_SQL = """
+UNLABELLED_SQL = f"""
 SELECT request_id, agent_id, intent, teacher_content, teacher_tool_calls, user_text
 FROM interactions
-WHERE agent_id = {agent:String}
-  AND request_id NOT IN (SELECT request_id FROM intent_labels WHERE agent_id = {agent:String})
+WHERE agent_id = {{agent:String}} AND {NOT_PLAN}
+  AND request_id NOT IN (SELECT request_id FROM intent_labels WHERE agent_id = {{agent:String}})
 ORDER BY request_id, inserted_at DESC
 LIMIT 1 BY request_id
-LIMIT {limit:UInt32}
+LIMIT {{limit:UInt32}}
 """
 
 # A few labelled requests per intent, the reference points of the clustering (only fetched when some
