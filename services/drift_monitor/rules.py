@@ -327,9 +327,14 @@ def snapshot_of(model: ModelEvent) -> str | None:
 
 
 def cooldown_until(agent_id: str, events: Iterable[LifecycleEvent], drift: Drift) -> datetime | None:
-    """When the cool-down after the agent's latest retrain trigger (any reason) ends; None: never triggered.
-    Derived from the events (ClickHouse ``retrain_events`` and the topic), so it survives a restart."""
-    times = [e.created_at for e in events if isinstance(e, RetrainTriggered) and e.agent_id == agent_id]
+    """When the cool-down after the agent's latest retrain trigger ends; None: never triggered. The grace
+    period's trigger does not count: it comes before any student, and the first student's training must not
+    hold back the drift monitor once it is live. Derived from the events (ClickHouse ``retrain_events`` and the
+    topic), so it survives a restart."""
+    times = [
+        e.created_at for e in events
+        if isinstance(e, RetrainTriggered) and e.agent_id == agent_id and e.reason != "grace_complete"
+    ]
     return max(times) + timedelta(minutes=drift.cooldown_minutes) if times else None
 
 

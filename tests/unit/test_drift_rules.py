@@ -215,6 +215,7 @@ def test_cool_down_from_the_latest_trigger_and_the_stage() -> None:
         promoted(0, metrics={"agreement": 0.95}),
         RetrainTriggered(agent_id="a", reason="agreement_drift", created_at=at(10)),
         RetrainTriggered(agent_id="b", reason="manual", created_at=at(50)),  # another agent's
+        RetrainTriggered(agent_id="a", reason="grace_complete", created_at=at(15)),  # before any student: no cool-down
         ModelEvent(agent_id="a", kind="rejected", model_name="student_a", created_at=at(20)),
     ]
     until = rules.cooldown_until("a", events, DRIFT)
