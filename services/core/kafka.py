@@ -83,6 +83,18 @@ def create_consumer(
     return AIOKafkaConsumer(*topics, **kwargs)
 
 
+# Consumers of the lifecycle topics (models, retrain, datasets, control) wait longer per fetch than the serving
+# path: their records are rare and half a second late is nothing, while a 10 ms fetch loop on every idle
+# follower keeps a 2-core machine busy (the local broker answers each fetch only when its wait ends).
+FOLLOWER_FETCH_WAIT_MS = 500
+
+
+def create_follower(settings: Settings, group_id: str | None, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+    """A consumer for the lifecycle topics: as ``create_consumer``, with a longer fetch wait."""
+    wait = max(settings.kafka_fetch_max_wait_ms, FOLLOWER_FETCH_WAIT_MS)
+    return create_consumer(settings, group_id, *topics, **{"fetch_max_wait_ms": wait, **overrides})
+
+
 def confluent_consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
     """librdkafka consumer settings: manual commits, earliest offset for a new group, the fetch wait."""
     return {

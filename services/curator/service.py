@@ -33,7 +33,7 @@ from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, load_agents
 from services.core.codec import AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
-from services.core.kafka import Publisher, create_consumer, create_producer
+from services.core.kafka import Publisher, create_follower, create_producer
 from services.core.lifecycle import LifecycleEvent, event_key, fold
 from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered, utcnow
 from services.core.settings import Settings
@@ -380,7 +380,7 @@ class Curator:
 
         ch = client(self.settings)
         producer = create_producer(self.settings)
-        follower = create_consumer(self.settings, None, topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name)
+        follower = create_follower(self.settings, None, topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name)
         try:
             await asyncio.to_thread(self.load_history, ch)
             await producer.start()
