@@ -7,6 +7,7 @@ Starts its own local broker on a free port unless --bootstrap points at a runnin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -21,7 +22,7 @@ from services.stack.broker import TansuBroker
 from services.stack.process import ProcessManager, free_port
 
 
-def run(settings: Settings, messages: int, size: int) -> None:
+def run(settings: Settings, messages: int, size: int) -> dict[str, float]:
     topic = TopicSpec(f"bench.{uuid.uuid4().hex[:8]}", None, 4, "none")
     ensure_topics(settings, extra=[topic])
     payload = os.urandom(size)
@@ -68,6 +69,7 @@ def run(settings: Settings, messages: int, size: int) -> None:
     )
     print(f"produce: {messages / produce_s:,.0f} msg/s  ({mb / produce_s:,.1f} MB/s, acks=all)")
     print(f"consume: {got / consume_s:,.0f} msg/s  ({got * size / 1e6 / consume_s:,.1f} MB/s; {got} read)")
+    return {"produce_msg_s": messages / produce_s, "consume_msg_s": got / consume_s, "messages": messages, "size": size}
 
 
 def main() -> None:
@@ -75,18 +77,22 @@ def main() -> None:
     parser.add_argument("--messages", type=int, default=200_000)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--bootstrap")
+    parser.add_argument("--json", help="also write the figures here as a flat JSON object (name -> number)")
     args = parser.parse_args()
     if args.bootstrap:
-        run(Settings(kafka_bootstrap=args.bootstrap), args.messages, args.size)
-        return
-    with tempfile.TemporaryDirectory() as home:
-        settings = Settings(home=home, kafka_bootstrap=f"127.0.0.1:{free_port()}")
-        manager = ProcessManager(settings.run_dir, settings.log_dir)
-        manager.start(TansuBroker.from_settings(settings), 60)
-        try:
-            run(settings, args.messages, args.size)
-        finally:
-            manager.stop("broker")
+        figures = run(Settings(kafka_bootstrap=args.bootstrap), args.messages, args.size)
+    else:
+        with tempfile.TemporaryDirectory() as home:
+            settings = Settings(home=home, kafka_bootstrap=f"127.0.0.1:{free_port()}")
+            manager = ProcessManager(settings.run_dir, settings.log_dir)
+            manager.start(TansuBroker.from_settings(settings), 60)
+            try:
+                figures = run(settings, args.messages, args.size)
+            finally:
+                manager.stop("broker")
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(figures, out, indent=2)
 
 
 if __name__ == "__main__":

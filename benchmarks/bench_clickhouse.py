@@ -20,6 +20,7 @@ Goal: the endpoint keeps >= 60 % of in-process speed.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -167,7 +168,7 @@ def run_benchmark(df: pd.DataFrame, tmp: Path, repeat: int) -> dict[str, tuple[f
         manager.stop(endpoint.name)
 
 
-def report(rows: int, times: dict[str, tuple[float, float]]) -> None:
+def report(rows: int, times: dict[str, tuple[float, float]]) -> dict[str, float]:
     base = times["chdb Python(DataFrame)"][0]
     native, native_cpu = times["chdb send_insert(Native)"]
     print(f"\n{rows:,} rows; best wall time and least CPU time (client + endpoint) of the runs:")
@@ -185,18 +186,35 @@ def report(rows: int, times: dict[str, tuple[float, float]]) -> None:
         f"endpoint, same Native bytes: {native / passthrough:.0%} of in-process speed; "
         f"CPU {passthrough_cpu:.2f} s vs {native_cpu:.2f} s in-process (the endpoint's own cost is the difference)"
     )
+    figures = {f"{_key(name)}_rows_s": rows / seconds for name, (seconds, _cpu) in times.items()}
+    return {
+        **figures,
+        "native_passthrough_ratio": native / passthrough,  # endpoint raw Native vs in-process Native (goal)
+        "best_client_ratio": base / best_client,  # best clickhouse-connect path vs in-process Python(df)
+        "passthrough_cpu_s": passthrough_cpu,
+        "in_process_native_cpu_s": native_cpu,
+        "rows": rows,
+    }
+
+
+def _key(method: str) -> str:
+    """A method's name as a JSON key: ``endpoint raw_insert(Native)`` -> ``endpoint_raw_insert_native``."""
+    return "_".join("".join(c if c.isalnum() else " " for c in method.lower()).split())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--json", help="also write the figures here as a flat JSON object (name -> number)")
     args = parser.parse_args()
     started = time.perf_counter()
     df = make_rows(args.rows)
     with tempfile.TemporaryDirectory(prefix="bench-clickhouse-") as tmp:
         times = run_benchmark(df, Path(tmp), args.repeat)
-    report(args.rows, times)
+    figures = report(args.rows, times)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
     print(f"(benchmark took {time.perf_counter() - started:.0f} s)")
 
 

@@ -18,6 +18,7 @@ Starts its own broker and ClickHouse endpoint on free loopback ports in a tempor
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -289,6 +290,7 @@ def main() -> None:
     parser.add_argument("--python-records", type=int, default=50_000)
     parser.add_argument("--batch-rows", type=int, default=LoggerConfig().max_batch_rows)
     parser.add_argument("--lanes", type=int, default=LoggerConfig().insert_lanes)
+    parser.add_argument("--json", type=Path, help="also write the figures here as a flat JSON object")
     args = parser.parse_args()
     codec = AvroCodec()
     with tempfile.TemporaryDirectory(prefix="bench-logger-") as tmp:
@@ -305,7 +307,7 @@ def main() -> None:
         }
         try:
             sink = bench_sink(settings, codec, args.sink_records, args.batch_rows, args.lanes, pids["clickhouse"])
-            bench_python_path(settings, codec, args.python_records)
+            python_path = bench_python_path(settings, codec, args.python_records)
             e2e = bench_end_to_end(settings, codec, args.records, args.batch_rows, args.lanes, pids, home)
         finally:
             manager.stop("clickhouse")
@@ -313,6 +315,10 @@ def main() -> None:
     print()
     print(verdict("sink alone", sink))
     print(verdict("end to end", e2e))
+    if args.json:
+        figures = {"sink_rows_s": sink, "python_path_rows_s": python_path, "end_to_end_per_s": e2e,
+                   "records": args.records, "batch_rows": args.batch_rows, "lanes": args.lanes}  # fmt: skip
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

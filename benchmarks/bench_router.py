@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -147,7 +148,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--rate", type=float, default=200.0, help="requests/s of the latency run")
+    parser.add_argument("--json", type=Path, help="also write the figures here as a flat JSON object")
     args = parser.parse_args()
+    figures: dict[str, float] = {"rate": args.rate, "requests": args.requests}
     with tempfile.TemporaryDirectory() as home:
         agents_file = Path(home) / "agents.yaml"
         routing = {"canary_steps": [1.0], "shadow_rate": 0.0}
@@ -191,10 +194,15 @@ def main() -> None:
                 paced = asyncio.run(run_path(settings, agent, int(args.rate * 10), rate=args.rate))
                 added = f"{paced['added_p50']:.1f} | {paced['added_p95']:.1f}"
                 print(f"| {burst['served_by']} | {burst['rps']:,.0f} | {added} |")
+                path = agent.removeprefix("bench-")  # student / teacher
+                figures |= {f"{path}_rps": burst["rps"], f"{path}_added_p50_ms": paced["added_p50"],
+                            f"{path}_added_p95_ms": paced["added_p95"]}  # fmt: skip
             print("goal: >= 2,000 requests/s, <= 5 ms p95 added")
         finally:
             for part in reversed(parts):
                 manager.stop(part.name)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":

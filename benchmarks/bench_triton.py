@@ -108,7 +108,9 @@ def concurrent(make_call: Callable[[], Callable[[], None]], clients: int, per_cl
     return {"req_per_s": clients * per_client / elapsed, "clients": clients, "n": clients * per_client}
 
 
-def measure(name: str, grpc_url: str, http_url: str, model: str, prompt: str, n: int, clients: int) -> None:
+def measure(
+    name: str, grpc_url: str, http_url: str, model: str, prompt: str, n: int, clients: int
+) -> dict[str, float]:
     rows = [
         ("gRPC sequential", sequential(grpc_caller(grpc_url, model, prompt), n)),
         ("HTTP sequential", sequential(http_caller(http_url, model, prompt), n)),
@@ -124,6 +126,13 @@ def measure(name: str, grpc_url: str, http_url: str, model: str, prompt: str, n:
             )
         else:
             print(f"  {label:16s} n={row['n']:<5d} {row['req_per_s']:8.1f} req/s with {row['clients']} clients")
+    # Flat figures for --json: echo_grpc_sequential_p95_ms, echo_http_concurrent_req_per_s...
+    return {
+        f"{name}_{label.lower().replace(' ', '_')}_{key}": value
+        for label, row in rows
+        for key, value in row.items()
+        if key not in ("n", "clients")
+    }
 
 
 def main() -> None:
@@ -135,7 +144,9 @@ def main() -> None:
     parser.add_argument("--student-requests", type=int, default=64)
     parser.add_argument("--student-clients", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--json", type=Path, help="also write the figures here as a flat JSON object")
     args = parser.parse_args()
+    figures: dict[str, float] = {}
 
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
         settings = Settings(
@@ -154,7 +165,7 @@ def main() -> None:
             published = repo.publish_echo()
             print(f"echo published (version {published.version}) in {published.seconds:.2f}s")
             grpc_url, http_url = server.endpoints()["triton_grpc"], server.endpoints()["triton_http"]
-            measure("echo", grpc_url, http_url, "echo", "ping " * 20, args.requests, args.clients)
+            figures |= measure("echo", grpc_url, http_url, "echo", "ping " * 20, args.requests, args.clients)
 
             base = args.student_base
             if args.tiny_student and base is None:
@@ -165,7 +176,7 @@ def main() -> None:
                 spec = StudentModelSpec(base_model=str(base), max_new_tokens=args.max_new_tokens)
                 student = repo.publish_student("bench", spec)
                 print(f"\nstudent published (version {student.version}) in {student.seconds:.2f}s")
-                measure(
+                figures |= measure(
                     "student",
                     grpc_url,
                     http_url,
@@ -176,6 +187,8 @@ def main() -> None:
                 )
         finally:
             manager.stop(server.name)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 if __name__ == "__main__":
