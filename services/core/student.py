@@ -66,13 +66,22 @@ class StudentClient:
         outputs = [grpcclient.InferRequestedOutput("TEXT"), grpcclient.InferRequestedOutput("CONFIDENCE")]
         t0 = time.perf_counter()
         try:
-            result = await client.infer(
-                model,
-                [prompt],
-                model_version=str(version) if version else "",
-                outputs=outputs,
-                client_timeout=self.timeout_s,
-            )
+            try:
+                result = await client.infer(
+                    model,
+                    [prompt],
+                    model_version=str(version) if version else "",
+                    outputs=outputs,
+                    client_timeout=self.timeout_s,
+                )
+            except InferenceServerException:
+                if not version:
+                    raise
+                # A hot swap: Triton serves the new version (and unloads the old) a moment before the router
+                # reads the promotion. The latest version answers instead; the response names which one did.
+                result = await client.infer(
+                    model, [prompt], model_version="", outputs=outputs, client_timeout=self.timeout_s
+                )
         except InferenceServerException as exc:
             self.failures[agent_id] += 1
             raise StudentUnavailable(f"{model} at {self.grpc_url}: {exc.message()}") from exc
