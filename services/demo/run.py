@@ -167,9 +167,16 @@ class Demo:
         return asyncio.ensure_future(poll())
 
     def record_phase(self, phase: Phase, start: datetime) -> PhaseFigures:
+        end = utcnow()
         ch = client(self.settings)
         try:
-            figures = phase_figures(ch, self.plan.agent_id, phase.name, phase.title, start, utcnow())
+            # The logger flushes by size and age: wait (briefly) until the phase's requests are all stored.
+            deadline = time.monotonic() + 30
+            while True:
+                figures = phase_figures(ch, self.plan.agent_id, phase.name, phase.title, start, end)
+                if figures.requests >= phase.requests or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
         finally:
             ch.close()
         self.phases.append(figures)

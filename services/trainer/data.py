@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,14 +171,16 @@ def _answer_object(text: str) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get(LABEL_FIELD), str) else None
 
 
-def build_answer_template(targets: Iterable[str], min_examples: int = 2) -> dict[str, Any]:
-    """The answer fields fixed per label in the teacher's answers: for each label seen at least
-    ``min_examples`` times, every field other than the label whose value is the same in all of that label's
-    answers (BANKING77: the tool and the reply). Empty when nothing is fixed. The student need not learn to
-    write these (``compact_target``); serving puts them back (``expand_answer`` in the student runtime).
+def build_answer_template(targets: Iterable[str], min_share: float = 0.9) -> dict[str, Any]:
+    """The answer fields fixed per label in the teacher's answers (BANKING77: each intent's tool and reply), as
+    ``{"label_field", "fields" (the teacher's key order), "by_label": {label: {field: value}}}``; empty when
+    nothing is fixed. The student need not learn to write these (``compact_target``); serving puts them back
+    (``expand_answer`` in the student runtime).
 
-    All answers, not a majority: a field that varies within a label carries information the student must
-    produce, and templating it would silently turn a minority of answers into disagreements."""
+    A field is fixed when, for every label, one value makes at least ``min_share`` of that label's answers (a
+    stray hedged reply that curation let through does not unfix a reply). It must hold for every label, so
+    that every compact answer has the same shape: a field that varies for some labels (arguments read from the
+    message) is written by the student for all of them."""
     fields: list[str] = []
     seen: dict[str, list[dict[str, Any]]] = {}
     for text in targets:
@@ -188,21 +191,26 @@ def build_answer_template(targets: Iterable[str], min_examples: int = 2) -> dict
             if key not in fields:
                 fields.append(key)
         seen.setdefault(data[LABEL_FIELD], []).append(data)
-    by_label: dict[str, dict[str, Any]] = {}
-    for label, answers in sorted(seen.items()):
-        if len(answers) < min_examples:
-            continue
-        fixed = {}
-        for key in fields:
-            if key == LABEL_FIELD or any(key not in a for a in answers):
-                continue
-            first = json.dumps(answers[0][key], sort_keys=True)
-            if all(json.dumps(a[key], sort_keys=True) == first for a in answers[1:]):
-                fixed[key] = answers[0][key]
-        if fixed:
-            by_label[label] = fixed
-    if not by_label:
+    if not seen:
         return {}
+    top: dict[str, dict[str, Any]] = {label: {} for label in seen}
+    fixed_fields = []
+    for key in fields:
+        if key == LABEL_FIELD:
+            continue
+        ok = True
+        for label, answers in seen.items():
+            values = Counter(json.dumps(a[key], sort_keys=True) for a in answers if key in a)
+            value, count = values.most_common(1)[0] if values else (None, 0)
+            if value is None or count < min_share * len(answers):
+                ok = False
+                break
+            top[label][key] = json.loads(value)
+        if ok:
+            fixed_fields.append(key)
+    if not fixed_fields:
+        return {}
+    by_label = {label: {k: v for k, v in values.items() if k in fixed_fields} for label, values in sorted(top.items())}
     return {"label_field": LABEL_FIELD, "fields": fields, "by_label": by_label}
 
 
@@ -221,7 +229,6 @@ def template_prompt(template: dict[str, Any]) -> str:
     """The stage-2 system prompt naming the fields the student writes."""
     if not template:
         return COMPACT_SYSTEM_PROMPT
-    # A field fixed for every label is never written; one fixed for some labels only still is, for the others.
     fixed = set.intersection(*(set(v) for v in template["by_label"].values()))
     written = [f for f in template["fields"] if f not in fixed or f == LABEL_FIELD]
     return COMPACT_TEMPLATE_PROMPT.format(fields=", ".join(written))

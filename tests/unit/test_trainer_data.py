@@ -150,16 +150,20 @@ TEMPLATE_TARGETS = [
 ]
 
 
-def test_answer_template_fixes_only_fields_constant_within_a_label() -> None:
+def test_answer_template_fixes_the_fields_every_label_fixes() -> None:
     template = D.build_answer_template(TEMPLATE_TARGETS)
     assert template["fields"] == ["intent", "tool", "arguments", "reply"]
-    assert template["by_label"]["card_arrival"] == {
-        "tool": "card_delivery_status", "arguments": {}, "reply": "Let me check where your card is."
+    # arguments vary for exchange_rate, so the student writes them for every label (one answer shape)
+    assert template["by_label"] == {
+        "age_limit": {"tool": "account_management", "reply": "Only once."},
+        "card_arrival": {"tool": "card_delivery_status", "reply": "Let me check where your card is."},
+        "exchange_rate": {"tool": "exchange_rates", "reply": "Here are today's rates."},
     }
-    # arguments vary for exchange_rate, so the student keeps writing them there
-    assert template["by_label"]["exchange_rate"] == {"tool": "exchange_rates", "reply": "Here are today's rates."}
-    assert "age_limit" not in template["by_label"]
-    assert D.build_answer_template(["x", _answer("a", "t", "r")]) == {}
+    assert D.build_answer_template(["x"]) == {}
+    # a stray reply (a hedge curation missed) under the share does not unfix the reply
+    many = [_answer("a", "t", "r")] * 19 + [_answer("a", "t", "I'm not sure, but r")]
+    assert D.build_answer_template(many)["by_label"]["a"] == {"tool": "t", "arguments": {}, "reply": "r"}
+    assert D.build_answer_template(many, min_share=1.0)["by_label"]["a"] == {"tool": "t", "arguments": {}}
 
 
 def test_compact_target_round_trips_through_the_serving_expansion() -> None:
@@ -174,8 +178,8 @@ def test_compact_target_round_trips_through_the_serving_expansion() -> None:
             continue
         # the same object with the keys in the teacher's order
         assert list(json.loads(expand(compact, template)).items()) == list(json.loads(target).items())
-        if json.loads(target)["intent"] != "age_limit":
-            assert compact.startswith(D.LABEL_PREFIX) and "tool" not in compact and "reply" not in compact
+        assert compact.startswith(D.LABEL_PREFIX) and "tool" not in compact and "reply" not in compact
+        assert '"arguments"' in compact
     expected = '{"intent": "exchange_rate", "arguments": {"amount": "£5"}}'
     assert D.compact_target(TEMPLATE_TARGETS[3], template) == expected
     # an answer the student got wrong is left for the format check to judge
