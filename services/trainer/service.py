@@ -2,8 +2,10 @@
 publishes (one job at a time), emitting ``ModelEvent`` records on ``flywheel.models``.
 
 A snapshot's offset is committed only after its job finished (promoted or rejected), so a trainer that dies
-mid-job trains that snapshot again after a restart. When several snapshots of one agent are waiting, only the
-newest is trained: the older ones are superseded by it.
+mid-job trains that snapshot again after a restart. The offsets of a batch are committed once all its jobs are
+done, so a restart also reads again the snapshots whose jobs did finish: those already have a verdict (in
+ClickHouse, or still only on ``flywheel.models``) and are not trained or published a second time. When several
+snapshots of one agent are waiting, only the newest is trained: the older ones are superseded by it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ import contextlib
 import json
 import logging
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, UnknownAgentError, load_agents
-from services.core.codec import AvroCodec
+from services.core.codec import AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
 from services.core.kafka import Publisher, TopicReader, create_consumer, create_producer
 from services.core.model_repository import ModelRepository
@@ -31,6 +35,7 @@ from services.trainer.publish import finish
 log = logging.getLogger("flywheel.trainer")
 SERVICE = "trainer"
 GROUP = "flywheel-trainer"
+VERDICTS = ("promoted", "rejected")
 
 
 def train_snapshot(
@@ -72,6 +77,15 @@ def newest_per_agent(records: list[DatasetSnapshot]) -> list[DatasetSnapshot]:
     return list(last.values())
 
 
+def already_decided(record: DatasetSnapshot, verdicts: Iterable[ModelEvent]) -> ModelEvent | None:
+    """The verdict already given on this announcement of the snapshot, if any. A snapshot the curator
+    announces again (same content for a newer trigger) has a newer created_at, so it is trained again."""
+    for event in verdicts:
+        if event.snapshot_id == record.snapshot_id and event.kind in VERDICTS and event.created_at >= record.created_at:
+            return event
+    return None
+
+
 class Trainer:
     def __init__(
         self,
@@ -85,6 +99,7 @@ class Trainer:
         self.options = options
         self.codec = codec or AvroCodec()
         self.jobs = 0
+        self.verdicts: list[ModelEvent] = []  # every promoted/rejected event seen (ClickHouse, the topic, ours)
 
     async def _job(self, publisher: Publisher, record: DatasetSnapshot) -> None:
         # Re-read for every job: thresholds may have been changed since the trainer started.
@@ -93,6 +108,13 @@ class Trainer:
             agent = agents.agent(record.agent_id)
         except UnknownAgentError as exc:
             log.error("trainer: snapshot %s skipped: %s", record.snapshot_id, exc)
+            return
+        done = already_decided(record, self.verdicts)
+        if done is not None:
+            log.info(
+                "trainer: snapshot %s of %s already %s (version %s) before a restart; not trained again",
+                record.snapshot_id, record.agent_id, done.kind, done.model_version,
+            )
             return
         loop = asyncio.get_running_loop()
 
@@ -103,13 +125,50 @@ class Trainer:
         log.info("trainer: snapshot %s of %s (%s)", record.snapshot_id, record.agent_id, record.uri)
         try:
             event = await asyncio.to_thread(train_snapshot, self.settings, agent, record.uri, emit, self.options)
+            self.verdicts.append(event)
             log.info("trainer: %s -> %s %s", record.snapshot_id, event.kind, event.model_version or "")
         except Exception:
             # A broken snapshot must not stop the trainer; the error is in the log and the next snapshot runs.
             log.exception("trainer: job for snapshot %s failed", record.snapshot_id)
         self.jobs += 1
 
+    def load_verdicts(self) -> None:
+        """The verdicts so far, from ClickHouse (the durable record)."""
+        from services.core.clickhouse import client
+        from services.core.lifecycle_store import read_lifecycle_events
+
+        ch = client(self.settings)
+        try:
+            events = read_lifecycle_events(ch)
+        finally:
+            ch.close()
+        self.verdicts.extend(e for e in events if isinstance(e, ModelEvent) and e.kind in VERDICTS)
+
+    async def _follow_verdicts(self, follower: AIOKafkaConsumer) -> None:
+        """Read ``flywheel.models`` up to its end: a verdict sent just before a crash may not be in ClickHouse
+        yet (the logger writes it a moment later, or is down itself)."""
+        tps = list(follower.assignment())
+        end = await follower.end_offsets(tps) if tps else {}
+        while True:
+            got = await follower.getmany(timeout_ms=200)
+            for messages in got.values():
+                for msg in messages:
+                    try:
+                        event = self.codec.decode(msg.value, ModelEvent)
+                    except DecodeError:
+                        continue  # the logger dead-letters it; nothing for the trainer to learn from it
+                    if event.kind in VERDICTS:
+                        self.verdicts.append(event)
+            if not got and all([await follower.position(tp) >= end[tp] for tp in tps]):
+                return
+
     async def run(self, stop: asyncio.Event) -> None:
+        await asyncio.to_thread(self.load_verdicts)
+        follower = create_consumer(self.settings, None)
+        await follower.start()
+        await follower.topics()  # the cluster's metadata, for the partitions below
+        partitions = follower.partitions_for_topic(topics.MODELS.name) or set()
+        follower.assign([TopicPartition(topics.MODELS.name, p) for p in sorted(partitions)])
         producer = create_producer(self.settings)
         await producer.start()
         publisher = Publisher(producer, self.codec)
@@ -122,6 +181,8 @@ class Trainer:
         try:
             while not stop.is_set():
                 batch = await reader.read_batch(timeout_ms=500)
+                if batch.records:
+                    await self._follow_verdicts(follower)
                 for delivered in newest_per_agent([d.record for d in batch.records]):
                     if stop.is_set():
                         return  # uncommitted: the snapshot is trained after the restart
@@ -131,6 +192,7 @@ class Trainer:
             clear_ready(self.settings, SERVICE)
             await consumer.stop()
             await producer.stop()
+            await follower.stop()
 
 
 async def _main(settings: Settings) -> None:
