@@ -1,0 +1,94 @@
+"""`flywheel demo`'s run on the real local stack, shrunk: a tiny base model and a few dozen requests per phase,
+every service a process. The whole flywheel turns once and a half: grace period → training → promotion → the
+student live → held-back intents arrive → the drift monitor fires → the curator's new snapshot → retrain →
+promotion of a second version → recovery; then the report's figures and timeline come from ClickHouse."""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pytest
+import yaml
+from rich.console import Console
+
+from services.core.settings import Settings
+from services.demo.plan import DemoPlan, Phase
+from services.demo.run import Demo, check_fresh
+
+pytestmark = pytest.mark.integration
+
+AGENT = f"demo-{uuid.uuid4().hex[:6]}"
+INTENTS = ("card_arrival", "exchange_rate", "top_up_failed", "lost_or_stolen_card")
+HELD_BACK = ("card_swallowed", "atm_support")
+
+
+@pytest.fixture(scope="module")
+def demo_settings(broker, clickhouse, triton, teacher, settings: Settings, stack_manager, tmp_path_factory):
+    from tests.conftest import start_services
+    from tests.helpers.tiny_model import build_tiny_model
+
+    base = build_tiny_model(tmp_path_factory.mktemp("demo-base"))
+    agents_file = tmp_path_factory.mktemp("demo-agents") / "agents.yaml"
+    agent = {
+        "teacher": {"model": "reference/banking77"},
+        "grace_period": {"min_conversations": 40, "min_unique_intents": 4},
+        "distillation": {"base_model": str(base), "epochs": 1, "learning_rate": 0.001, "max_train_examples": 48,
+                         "max_seq_len": 128},
+        # A tiny random model cannot agree with the teacher: the gate is open so the run follows the promotion
+        # path (the gate has its own tests). The teacher shadows every answer, so every request has an intent.
+        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0},
+        "routing": {"canary_steps": [1.0], "shadow_rate": 1.0},
+        "drift": {"window_minutes": 1.0, "min_samples": 10},
+    }
+    agents_file.write_text(yaml.safe_dump({"agents": {AGENT: agent}}))
+    svc = settings.model_copy(
+        update={"agents_file": agents_file, "curator_check_interval_s": 1.0, "drift_check_interval_s": 1.0}
+    )
+    start_services(stack_manager, svc, ("logger", "router", "curator", "trainer", "drift_monitor"))
+    yield svc
+    for name in ("curator", "trainer", "drift_monitor"):
+        stack_manager.stop(name)
+
+
+async def test_the_demo_turns_the_flywheel_and_reports_it(demo_settings: Settings, tmp_path) -> None:
+    check_fresh(demo_settings, AGENT)  # a new agent: nothing in the store yet
+    plan = DemoPlan(
+        agent_id=AGENT, workload="banking77", intents=INTENTS, held_back=HELD_BACK,
+        phases=(
+            Phase("grace", "grace", 48, "train", concurrency=16, seed=3),
+            Phase("live", "live", 12, "test", concurrency=4, seed=5),
+            Phase("drift", "drift", 24, "test", held_back_share=0.75, concurrency=4, seed=7),
+            Phase("recovery", "recovery", 8, "test", held_back_share=0.5, concurrency=4, seed=9),
+        ),
+        wait_training_s=600, wait_drift_s=240, retries=0,
+    )
+    out = io.StringIO()
+    report = await Demo(demo_settings, plan, Console(file=out, width=140), tmp_path).run()
+    text = out.getvalue()
+
+    assert [p.name for p in report.phases] == ["grace", "live", "drift", "recovery"], (report.notes, text)
+    assert [p.requests for p in report.phases] == [48, 12, 24, 8]
+    grace, live, _drift, recovery = report.phases
+    assert grace.teacher == 48 and grace.student == 0
+    assert live.student_eligible == 12 and live.shadow_samples > 0  # the student answered, the teacher shadowed
+    assert all(p.failed == 0 for p in report.phases)
+    events = [t.what for t in report.timeline]
+    assert events[0] == "retrain triggered: grace_complete", events
+    drift_triggers = [e for e in events if e.startswith("retrain triggered:") and "grace_complete" not in e]
+    assert len(drift_triggers) == 1, events  # one drift, one retrain (the cool-down holds)
+    promotions = [e for e in events if e.startswith("promoted as version")]
+    assert len(promotions) == 2, events
+    assert events.index(drift_triggers[0]) < events.index(promotions[1])
+    assert recovery.requests == 8 and report.notes == []
+
+    saved = json.loads((tmp_path / "report.json").read_text())
+    for key in ("agreement_holdout", "agreement_live", "fallback_rate", "student_share", "cost_usd",
+                "teacher_only_cost_usd", "savings_pct", "teacher_p95_ms", "student_p95_ms"):
+        assert key in saved, key
+    assert saved["requests"] == 92 and len(saved["timeline"]) == len(report.timeline)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Stage timeline" in md and "| recovery | 8 |" in md
+    with pytest.raises(Exception, match="already been through the flywheel"):
+        check_fresh(demo_settings, AGENT)
