@@ -46,6 +46,7 @@ from services.core.kafka import (
     Publisher,
     TopicReader,
     create_consumer,
+    create_follower,
     create_producer,
     dead_letter_for,
 )
@@ -209,7 +210,7 @@ class Logger:
         )
         # The lifecycle topics have other record types (a TopicReader each) and their own groups.
         lifecycle = [
-            create_consumer(self.settings, f"{self.config.group_id}.{spec.table}", **options) for _, spec in LIFECYCLE
+            create_follower(self.settings, f"{self.config.group_id}.{spec.table}", **options) for _, spec in LIFECYCLE
         ]
         consumers = [interactions, *lifecycle]
         listeners = [_Assigned(self._release), *(_Assigned() for _ in lifecycle)]

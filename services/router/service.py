@@ -27,7 +27,7 @@ from services.core import topics
 from services.core.agents import AgentsFile, UnknownAgentError, load_agents
 from services.core.codec import AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
-from services.core.kafka import Publisher, create_consumer, create_producer, dead_letter_for
+from services.core.kafka import Publisher, create_consumer, create_follower, create_producer, dead_letter_for
 from services.core.offsets import OffsetTracker
 from services.core.records import (
     AgentControl,
@@ -427,7 +427,7 @@ class Router:
         await producer.start()
         self.publisher = Publisher(producer, self.codec)
         follow_topics = [topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name, topics.CONTROL.name]
-        follower = create_consumer(self.settings, None, *follow_topics)
+        follower = create_follower(self.settings, None, *follow_topics)
         requests = create_consumer(self.settings, GROUP, topics.REQUESTS.name, max_poll_records=1000)
         await follower.start()
         await requests.start()

@@ -24,7 +24,7 @@ from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, UnknownAgentError, load_agents
 from services.core.codec import AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
-from services.core.kafka import Publisher, TopicReader, create_consumer, create_producer
+from services.core.kafka import Publisher, TopicReader, create_follower, create_producer
 from services.core.model_repository import ModelRepository
 from services.core.records import DatasetSnapshot, ModelEvent
 from services.core.settings import Settings
@@ -164,7 +164,7 @@ class Trainer:
 
     async def run(self, stop: asyncio.Event) -> None:
         await asyncio.to_thread(self.load_verdicts)
-        follower = create_consumer(self.settings, None)
+        follower = create_follower(self.settings, None)
         await follower.start()
         await follower.topics()  # the cluster's metadata, for the partitions below
         partitions = follower.partitions_for_topic(topics.MODELS.name) or set()
@@ -173,7 +173,7 @@ class Trainer:
         await producer.start()
         publisher = Publisher(producer, self.codec)
         # Jobs take minutes: allow long gaps between polls without the group evicting us.
-        consumer = create_consumer(self.settings, GROUP, topics.DATASETS.name, max_poll_interval_ms=3_600_000)
+        consumer = create_follower(self.settings, GROUP, topics.DATASETS.name, max_poll_interval_ms=3_600_000)
         await consumer.start()
         reader: TopicReader[DatasetSnapshot] = TopicReader(consumer, publisher, topics.DATASETS, SERVICE)
         mark_ready(self.settings, SERVICE)
