@@ -17,6 +17,7 @@ import ipaddress
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -109,6 +110,12 @@ def _root_cause(exc: BaseException) -> str:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return f"{type(exc).__name__}: {exc}"
+
+
+def param_time(value: datetime) -> str:
+    """A ``DateTime64(6, 'UTC')`` query parameter that keeps its microseconds (clickhouse-connect sends a
+    ``datetime`` parameter rounded to whole seconds)."""
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def quote_identifier(name: str) -> str:

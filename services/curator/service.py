@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, load_agents
-from services.core.codec import AvroCodec, DecodeError
-from services.core.health import clear_ready, mark_ready
-from services.core.kafka import Publisher, create_follower, create_producer
-from services.core.lifecycle import LifecycleEvent, event_key, fold
+from services.core.clickhouse import param_time
+from services.core.codec import AvroCodec
+from services.core.kafka import Publisher
+from services.core.lifecycle import LifecycleEvent, fold
+from services.core.lifecycle_service import LifecycleService
 from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered, utcnow
 from services.core.settings import Settings
 from services.curator import labelling, queries
@@ -118,7 +119,7 @@ def grace_progress(settings: Settings, now: datetime | None = None) -> list[Grac
 
 
 def read_pairs(ch: Client, agent_id: str, until: datetime) -> list[Pair]:
-    result = ch.query(queries.CANDIDATES_SQL, parameters={"agents": [agent_id], "until": until})
+    result = ch.query(queries.CANDIDATES_SQL, parameters={"agents": [agent_id], "until": param_time(until)})
     pairs = []
     for r in result.named_results():
         try:
@@ -238,7 +239,9 @@ def build_snapshot(
 
 
 # The service ------------------------------------------------------------------------------------------------
-class Curator:
+class Curator(LifecycleService):
+    SERVICE = SERVICE
+
     def __init__(
         self,
         settings: Settings,
@@ -261,16 +264,6 @@ class Curator:
         self.stats: Counter[str] = Counter()
 
     # State --------------------------------------------------------------------------------------------
-    def observe(self, event: LifecycleEvent) -> None:
-        if event.agent_id in self.agents.agents:
-            self.events[event_key(event)] = event
-
-    def load_history(self, ch: Client) -> None:
-        from services.core.lifecycle_store import read_lifecycle_events
-
-        for event in read_lifecycle_events(ch):
-            self.observe(event)
-
     def decide(self, agent_id: str) -> Action:
         return decide(agent_id, self.events.values())
 
@@ -303,7 +296,8 @@ class Curator:
             elif action.kind == "retry" and action.rejected_at is not None:
                 counts = counts or grace_counts(ch, ids)
                 then = ch.query(
-                    queries.CONVERSATIONS_UNTIL_SQL, parameters={"agents": [agent_id], "until": action.rejected_at}
+                    queries.CONVERSATIONS_UNTIL_SQL,
+                    parameters={"agents": [agent_id], "until": param_time(action.rejected_at)},
                 ).result_rows[0][0]
                 current = counts[agent_id].conversations
                 if retry_due(current, int(then), agent.curation.retry_growth):
@@ -354,20 +348,6 @@ class Curator:
         return written
 
     # Kafka --------------------------------------------------------------------------------------------
-    def _apply_messages(self, got: dict) -> int:
-        n = 0
-        for messages in got.values():
-            for msg in messages:
-                try:
-                    record = self.codec.decode(msg.value)
-                except DecodeError as err:
-                    log.warning("curator: undecodable record on %s: %s", msg.topic, err)
-                    continue
-                if isinstance(record, ModelEvent | RetrainTriggered | DatasetSnapshot):
-                    self.observe(record)
-                    n += 1
-        return n
-
     async def publish(self, records: Iterable[RetrainTriggered | DatasetSnapshot]) -> None:
         assert self.publisher is not None
         for record in records:
@@ -375,37 +355,6 @@ class Curator:
             await self.publisher.send(topic, record, record.agent_id)
             self.stats[f"emitted_{record.SCHEMA}"] += 1
 
-    async def run(self, stop: asyncio.Event) -> None:
-        from services.core.clickhouse import client
-
-        ch = client(self.settings)
-        producer = create_producer(self.settings)
-        follower = create_follower(self.settings, None, topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name)
-        try:
-            await asyncio.to_thread(self.load_history, ch)
-            await producer.start()
-            self.publisher = Publisher(producer, self.codec)
-            await follower.start()
-            # Catch up with the topics before deciding anything: a trigger on the topic whose snapshot is
-            # there too must not be served twice.
-            while self._apply_messages(await follower.getmany(timeout_ms=1000)):
-                pass
-            mark_ready(self.settings, SERVICE)
-            log.info("curator: following lifecycle topics (agents: %s)", ", ".join(self.agents.agents))
-            next_check = 0.0
-            while not stop.is_set():
-                self._apply_messages(await follower.getmany(timeout_ms=200))
-                if time.monotonic() >= next_check:
-                    try:
-                        await self.publish(await asyncio.to_thread(self.step, ch))
-                    except Exception:  # ClickHouse down, a bad row...: log, keep the service up, retry later
-                        log.exception("curator: check failed; retrying in %.0fs", self.check_interval_s)
-                    next_check = time.monotonic() + self.check_interval_s
-        finally:
-            clear_ready(self.settings, SERVICE)
-            await follower.stop()
-            await producer.stop()
-            ch.close()
 
 
 async def _main(settings: Settings) -> None:

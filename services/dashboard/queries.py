@@ -11,19 +11,7 @@ counts once even before the ReplacingMergeTree merges it away.
 
 from __future__ import annotations
 
-# The cookbook's agreement rule (shadow_agreement): same intent, tool and arguments (key by key); a student
-# answer that is not valid JSON disagrees.
-AGREE = """
-    ifNull(teacher_content, '') AS teacher_answer,
-    ifNull(student_content, '') AS student_answer,
-    isValidJSON(student_answer)
-        AND JSONExtractString(teacher_answer, 'intent') = JSONExtractString(student_answer, 'intent')
-        AND JSONExtractString(teacher_answer, 'tool') = JSONExtractString(student_answer, 'tool')
-        AND arraySort(JSONExtractKeysAndValuesRaw(teacher_answer, 'arguments'))
-            = arraySort(JSONExtractKeysAndValuesRaw(student_answer, 'arguments')) AS agree"""
-
-# A shadow sample: the student served and the teacher answered the same request, both without error.
-SHADOW_SAMPLE = "shadow AND teacher_ran AND student_ran AND teacher_error IS NULL AND student_error IS NULL"
+from services.core.sql_fragments import AGREE, SHADOW_SAMPLE
 
 _BUCKET = "intDiv(toUInt32(toUnixTimestamp(received_at)), {bucket:UInt32}) * {bucket:UInt32}"
 _IN_WINDOW = "agent_id = {agent:String} AND received_at >= {since:DateTime64(6, 'UTC')}"

@@ -1,3 +1,4 @@
+# ruff: noqa: S608 - the f-string joins constant fragments; every value is a ClickHouse query parameter
 """The demo's final report: figures per phase from ClickHouse, the stage timeline from the lifecycle events,
 and their rendering as Markdown (pure, apart from ``phase_figures`` which runs one query).
 
@@ -12,22 +13,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from services.core.clickhouse import param_time
 from services.core.lifecycle import LifecycleEvent
 from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered
+from services.core.sql_fragments import AGREE, SHADOW_SAMPLE
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
-PHASE_SQL = """
-WITH
-    ifNull(teacher_content, '') AS teacher_answer,
-    ifNull(student_content, '') AS student_answer,
-    isValidJSON(student_answer)
-        AND JSONExtractString(teacher_answer, 'intent') = JSONExtractString(student_answer, 'intent')
-        AND JSONExtractString(teacher_answer, 'tool') = JSONExtractString(student_answer, 'tool')
-        AND arraySort(JSONExtractKeysAndValuesRaw(teacher_answer, 'arguments'))
-            = arraySort(JSONExtractKeysAndValuesRaw(student_answer, 'arguments')) AS agree,
-    shadow AND teacher_ran AND student_ran AND teacher_error IS NULL AND student_error IS NULL AS shadow_sample,
+PHASE_SQL = f"""
+WITH {AGREE},
+    {SHADOW_SAMPLE} AS shadow_sample,
     if(served_by = 'student', student_answer, teacher_answer) AS served_answer
 SELECT
     count() AS requests,
@@ -46,8 +42,8 @@ SELECT
     quantileExactIf(0.95)(teacher_latency_ms, teacher_ran AND teacher_error IS NULL) AS teacher_p95_ms,
     quantileExactIf(0.95)(student_latency_ms, student_ran AND student_error IS NULL) AS student_p95_ms
 FROM interactions FINAL
-WHERE agent_id = {agent:String}
-  AND received_at >= {start:DateTime64(6)} AND received_at < {end:DateTime64(6)}
+WHERE agent_id = {{agent:String}}
+  AND received_at >= {{start:DateTime64(6)}} AND received_at < {{end:DateTime64(6)}}
 """
 
 
@@ -94,7 +90,7 @@ class PhaseFigures:
 
 
 def phase_figures(ch: Client, agent_id: str, name: str, title: str, start: datetime, end: datetime) -> PhaseFigures:
-    result = ch.query(PHASE_SQL, parameters={"agent": agent_id, "start": start, "end": end})
+    result = ch.query(PHASE_SQL, parameters={"agent": agent_id, "start": param_time(start), "end": param_time(end)})
     row = dict(zip(result.column_names, result.result_rows[0], strict=True)) if result.result_rows else {}
     clean = {k: (0 if v is None or v != v else v) for k, v in row.items()}  # NaN quantiles of empty sets
     return PhaseFigures(name, title, start, end, **clean)

@@ -10,8 +10,9 @@ merges). The monitor passes times as strings with microseconds (``param_time``):
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
+from services.core.clickhouse import param_time
 from services.curator.queries import EFFECTIVE_INTENT
 
 
@@ -79,11 +80,6 @@ WHERE agent_id = {agent:String} AND snapshot_id = {snapshot:String}
 ORDER BY created_at DESC
 LIMIT 1
 """
-
-
-def param_time(value: datetime) -> str:
-    """A DateTime64(6, 'UTC') query parameter with its microseconds."""
-    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
 def window_parameters(agent_id: str, start: datetime, end: datetime) -> dict[str, str]:

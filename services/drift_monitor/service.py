@@ -21,7 +21,6 @@ import contextlib
 import json
 import logging
 import signal
-import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import replace
@@ -30,11 +29,11 @@ from typing import TYPE_CHECKING, Any
 
 from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, load_agents
-from services.core.codec import AvroCodec, DecodeError
-from services.core.health import clear_ready, mark_ready
-from services.core.kafka import Publisher, create_follower, create_producer
+from services.core.codec import AvroCodec
+from services.core.kafka import Publisher
 from services.core.lifecycle import AgentLifecycle, LifecycleEvent, event_key, fold
-from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered, utcnow
+from services.core.lifecycle_service import LifecycleService
+from services.core.records import DatasetSnapshot, RetrainTriggered, utcnow
 from services.core.settings import Settings
 from services.drift_monitor import queries, rules
 from services.trainer.evaluate import agrees
@@ -46,7 +45,9 @@ log = logging.getLogger("flywheel.drift_monitor")
 SERVICE = "drift_monitor"
 
 
-class DriftMonitor:
+class DriftMonitor(LifecycleService):
+    SERVICE = SERVICE
+
     def __init__(
         self,
         settings: Settings,
@@ -68,16 +69,10 @@ class DriftMonitor:
 
     # State --------------------------------------------------------------------------------------------
     def observe(self, event: LifecycleEvent) -> None:
+        super().observe(event)
         if event.agent_id in self.agents.agents:
-            self.events[event_key(event)] = event
             if isinstance(event, DatasetSnapshot) and event.intent_counts:
                 self.trained_intents[event.snapshot_id] = dict(event.intent_counts)
-
-    def load_history(self, ch: Client) -> None:
-        from services.core.lifecycle_store import read_lifecycle_events
-
-        for event in read_lifecycle_events(ch):
-            self.observe(event)
 
     def mine(self, agent_id: str) -> list[LifecycleEvent]:
         return [e for e in self.events.values() if e.agent_id == agent_id]
@@ -176,20 +171,6 @@ class DriftMonitor:
         return out
 
     # Kafka --------------------------------------------------------------------------------------------
-    def _apply_messages(self, got: dict) -> int:
-        n = 0
-        for messages in got.values():
-            for msg in messages:
-                try:
-                    record = self.codec.decode(msg.value)
-                except DecodeError as err:
-                    log.warning("drift: undecodable record on %s: %s", msg.topic, err)
-                    continue
-                if isinstance(record, ModelEvent | RetrainTriggered | DatasetSnapshot):
-                    self.observe(record)
-                    n += 1
-        return n
-
     async def publish(self, records: Iterable[RetrainTriggered]) -> None:
         assert self.publisher is not None
         pending = list(records)
@@ -206,37 +187,6 @@ class DriftMonitor:
             pending.pop(0)
             self.stats[f"emitted_{record.reason}"] += 1
 
-    async def run(self, stop: asyncio.Event) -> None:
-        from services.core.clickhouse import client
-
-        ch = client(self.settings)
-        producer = create_producer(self.settings)
-        follower = create_follower(self.settings, None, topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name)
-        try:
-            await asyncio.to_thread(self.load_history, ch)
-            await producer.start()
-            self.publisher = Publisher(producer, self.codec)
-            await follower.start()
-            # Catch up with the topics before checking anything: a trigger already on the topic (not yet in
-            # ClickHouse) must hold its cool-down.
-            while self._apply_messages(await follower.getmany(timeout_ms=1000)):
-                pass
-            mark_ready(self.settings, SERVICE)
-            log.info("drift: following lifecycle topics (agents: %s)", ", ".join(self.agents.agents))
-            next_check = 0.0
-            while not stop.is_set():
-                self._apply_messages(await follower.getmany(timeout_ms=200))
-                if time.monotonic() >= next_check:
-                    try:
-                        await self.publish(await asyncio.to_thread(self.step, ch))
-                    except Exception:  # ClickHouse or the broker down: log, keep the service up, retry later
-                        log.exception("drift: check failed; retrying in %.0fs", self.check_interval_s)
-                    next_check = time.monotonic() + self.check_interval_s
-        finally:
-            clear_ready(self.settings, SERVICE)
-            await follower.stop()
-            await producer.stop()
-            ch.close()
 
 
 def _with_details(result: rules.RuleResult, **details: Any) -> rules.RuleResult:
