@@ -238,6 +238,18 @@ def machine(full: bool) -> dict[str, str]:
     }
 
 
+def parse_reuse(values: Sequence[str]) -> dict[str, Path]:
+    out: dict[str, Path] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or name not in NAMES:
+            raise SystemExit(f"--reuse {value}: expected NAME=PATH with NAME one of {', '.join(NAMES)}")
+        if not Path(path).is_file():
+            raise SystemExit(f"--reuse {value}: no such file {path}")
+        out[name] = Path(path)
+    return out
+
+
 def parse_names(values: Sequence[str] | None, flag: str) -> set[str]:
     names = {n.strip() for v in values or () for n in v.split(",") if n.strip()}
     unknown = names - set(NAMES)
@@ -256,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "new temporary directory)")  # fmt: skip
     parser.add_argument("--demo-report", type=Path, help="the demo's report.json (default: "
                         "$FLYWHEEL_HOME/demo/report.json when it exists)")  # fmt: skip
+    parser.add_argument("--reuse", action="append", metavar="NAME=PATH", default=[],
+                        help="take a benchmark's figures from the --json file of an earlier run of it (e.g. "
+                             "distillation=out.json) instead of running it again")
     parser.add_argument("-v", "--verbose", action="store_true", help="show each benchmark's output as it runs")
     args = parser.parse_args(argv)
     only, skip = parse_names(args.only, "--only"), parse_names(args.skip, "--skip")
@@ -269,7 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     outcomes: list[Outcome] = []
     started = time.monotonic()
+    reused = parse_reuse(args.reuse)
     for bench in BENCHES:
+        if bench.name in reused:
+            path = reused[bench.name]
+            outcomes.append(Outcome(bench.name, f"{bench.command(True)} (figures of an earlier run: {path})",
+                                    json.loads(path.read_text()), None))
+            continue
         if bench.name not in selected:
             continue
         print(f"[{bench.name}] {bench.command(args.full)} ...", flush=True)
