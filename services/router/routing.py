@@ -87,6 +87,13 @@ def after_student(view: AgentView, confidence: float | None, student_failed: boo
     return AfterStudent("student", reason, call_teacher=shadow, shadow=shadow, training_candidate=False)
 
 
+def counts_for_canary(first: Plan) -> bool:
+    """Whether a request moves the canary ramp on: every request of a live agent that the ramp decided on,
+    the ones it kept from the student included (counting only those the student answered would hold the
+    first step for ``step_requests / share`` requests, ten times its length at 10 %)."""
+    return first.ask_student or first.reason == CANARY_HOLDOUT
+
+
 def canary_share(steps: list[float], served_since_promotion: int, step_requests: int) -> float:
     """The canary ramp: ``steps[i]`` for the i-th block of ``step_requests`` student-eligible requests since
     the promotion, then the last step (1.0) for good."""

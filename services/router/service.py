@@ -155,8 +155,9 @@ class Router:
         teacher: Answer | None = None
         student: Answer | None = None
         shadow = training = False
-        if first.ask_student:
+        if routing.counts_for_canary(first):
             self.state.count_eligible(request.agent_id)
+        if first.ask_student:
             student = await self._ask_student(request, rt.lifecycle.model_version)
             after = routing.after_student(view, student.confidence, student.error is not None, self.rng.random())
             served_by, reason, shadow, training = after.served_by, after.reason, after.shadow, after.training_candidate

@@ -86,6 +86,15 @@ def test_canary_ramp() -> None:
     assert canary_share(steps, 10**6, 100) == 1.0
 
 
+def test_the_canary_ramp_counts_every_live_request_it_decided_on() -> None:
+    # The requests kept from the student (canary_holdout) move the ramp on too: at a 10 % first step, counting
+    # only the student's would hold that step for ten times its length.
+    assert routing.counts_for_canary(routing.Plan(True, routing.CONFIDENT))
+    assert routing.counts_for_canary(routing.Plan(False, routing.CANARY_HOLDOUT))
+    assert not routing.counts_for_canary(routing.Plan(False, routing.GRACE_PERIOD))
+    assert not routing.counts_for_canary(routing.Plan(False, routing.MODE_TEACHER))
+
+
 def test_costs_teacher_only() -> None:
     tier = DEFAULT_TIERS["cost-optimized"]  # teacher $0.60 / $3.00 per 1M
     got = costs(tier, Usage(1000, 200), None)
