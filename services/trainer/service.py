@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -203,9 +204,17 @@ async def _main(settings: Settings) -> None:
     await Trainer(settings).run(stop)
 
 
+TRAINER_NICENESS = 10
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.load()
+    # Serving comes first: on a machine the trainer shares with the Triton student (the local stack: 2 cores),
+    # a retrain at full priority starved the student past its gRPC deadline. A lower priority costs training
+    # nothing when the cores are otherwise idle.
+    with contextlib.suppress(OSError):
+        os.nice(TRAINER_NICENESS)
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(_main(settings))
 
