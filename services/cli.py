@@ -212,7 +212,7 @@ def smoke() -> None:
 
 
 @main.command()
-@click.option("--short", is_flag=True, help="About a third of the traffic: a first look in less time")
+@click.option("--short", is_flag=True, help="Shorter live and recovery phases (training is the same): a first look")
 @click.option(
     "--workload", "workload_name", type=click.Choice(["banking77", "nlupp"]), default="banking77", show_default=True,
     help="banking77: the support-bot agent; nlupp: the banking-nlu agent (several intents and slots)",

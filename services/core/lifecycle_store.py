@@ -62,7 +62,11 @@ def read_lifecycle_events(ch: Client) -> list[LifecycleEvent]:
                 created_at=_utc(r["created_at"]),
             )
         )
-    snapshots = ch.query("SELECT snapshot_id, agent_id, version, content_hash, uri, created_at FROM datasets FINAL")
+    # The prompt and the source query stay out: they are long and no lifecycle reader needs them.
+    snapshots = ch.query(
+        "SELECT snapshot_id, agent_id, version, content_hash, uri, split_counts, intent_counts, filter_stats, "
+        "time_from, time_to, parent_snapshot_id, trigger_reason, code_version, created_at FROM datasets FINAL"
+    )
     for r in snapshots.named_results():
         events.append(
             DatasetSnapshot(
@@ -71,6 +75,14 @@ def read_lifecycle_events(ch: Client) -> list[LifecycleEvent]:
                 version=r["version"],
                 content_hash=r["content_hash"],
                 uri=r["uri"],
+                split_counts=dict(r["split_counts"]),
+                intent_counts=dict(r["intent_counts"]),
+                filter_stats=dict(r["filter_stats"]),
+                time_from=_utc(r["time_from"]),
+                time_to=_utc(r["time_to"]),
+                parent_snapshot_id=r["parent_snapshot_id"],
+                trigger_reason=r["trigger_reason"],
+                code_version=r["code_version"],
                 created_at=_utc(r["created_at"]),
             )
         )

@@ -27,6 +27,7 @@ from typing import Any
 from services.core.agents import Drift
 from services.core.lifecycle import AgentLifecycle, LifecycleEvent
 from services.core.records import ModelEvent, RetrainTriggered
+from services.curator.labelling import CLUSTER_PREFIX
 
 AGREEMENT = "agreement_drift"
 INTENT = "intent_shift"
@@ -186,6 +187,10 @@ def intent_shift(window: Mapping[str | None, int], trained: Mapping[str, int] | 
     hits = sum(unseen.values())
     details: dict[str, Any] = {
         "unlabelled": unlabelled,
+        # Requests the curator could only cluster (far from every known intent) beside those the teacher or
+        # the client named: both are traffic the student was not trained on, but they read differently.
+        "unseen_named": sum(n for intent, n in unseen.items() if not intent.startswith(CLUSTER_PREFIX)),
+        "unseen_clustered": sum(n for intent, n in unseen.items() if intent.startswith(CLUSTER_PREFIX)),
         "unseen_intents": dict(sorted(unseen.items(), key=lambda kv: (-kv[1], kv[0]))[:10]),
         "js_divergence": round(js_divergence(labelled, {k: float(v) for k, v in trained.items() if k}), 6),
     }

@@ -36,6 +36,7 @@ from services.core.clickhouse import client
 from services.core.codec import AvroCodec
 from services.core.health import is_ready
 from services.core.kafka import aiokafka_config, confluent_config
+from services.core.lifecycle_store import read_lifecycle_events
 from services.core.records import (
     ChatMessage,
     DatasetSnapshot,
@@ -317,7 +318,11 @@ class TestService:
             version=1,
             content_hash="h",
             uri="file:///s",
-            split_counts={"train": 9},
+            split_counts={"train": 9, "holdout": 2},
+            intent_counts={"card_arrival": 11},
+            filter_stats={"hedging": 3},
+            parent_snapshot_id="snap-parent",
+            trigger_reason="grace_complete",
         )
         retrain = RetrainTriggered(agent_id=aid, reason="agreement_drift", evidence='{"agreement": 0.81}')
         bad = b"\xc3\x01" + b"\x00" * 8 + b"x"
@@ -342,6 +347,11 @@ class TestService:
         assert ch.command("SELECT reason FROM retrain_events WHERE agent_id = {a:String}", parameters={"a": aid}) == (
             "agreement_drift"
         )
+        # What a restarting service rebuilds its lifecycle from: the same events, read back.
+        back = {type(e).__name__: e for e in read_lifecycle_events(ch) if e.agent_id == aid}
+        assert back["DatasetSnapshot"] == snapshot
+        assert back["RetrainTriggered"] == retrain
+        assert back["ModelEvent"].metrics == event.metrics and back["ModelEvent"].gate == event.gate
         letters = await read_dead_letters(settings, topics.MODELS.dlq.name, {bad})
         assert [letter.error_kind for letter in letters] == ["unknown_fingerprint"]
         await asyncio.sleep(1.0)  # the replays had time to land, and did not

@@ -118,6 +118,7 @@ def test_intent_shift_fires_on_many_unseen_intents() -> None:
     assert result.observed == pytest.approx(0.4) and result.p_value < 0.01
     assert result.details["unlabelled"] == 12
     assert result.details["unseen_intents"] == {"crypto": 15, "cluster_03": 5}
+    assert (result.details["unseen_named"], result.details["unseen_clustered"]) == (15, 5)
     assert 0 < result.details["js_divergence"] <= 1
 
 
