@@ -245,7 +245,7 @@ def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None
     agent_id = AGENT_FOR_WORKLOAD[workload_name]
     agent_cfg = load_agents(settings.agents_file).agent(agent_id)
     plan = make_plan(load_workload(workload_name, settings.data_dir), agent_cfg.grace_period.min_unique_intents,
-                     short=short, agent_id=agent_id)
+                     short=short, agent_id=agent_id, grace_conversations=agent_cfg.grace_period.min_conversations)
     try:
         check_fresh(settings, agent_id)
         report = asyncio.run(Demo(settings, plan, console, settings.home.absolute() / "demo").run())

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from services.teacher.workloads import Workload
 
 AGENT_FOR_WORKLOAD = {"banking77": "support-bot", "nlupp": "banking-nlu"}
+GRACE_REQUESTS = 1200  # about 1,000 training pairs after curation and the holdout: what the student needs
 
 
 @dataclass(frozen=True)
@@ -60,11 +61,17 @@ def make_plan(
     agent_id: str | None = None,
     held_back: int = 5,
     student_concurrency: int = 8,
+    grace_conversations: int = 0,
 ) -> DemoPlan:
     """The demo's plan. ``short`` is for a first look: shorter live and recovery phases. The grace period and
     the drift phase keep their size: the student needs about 1,000 training pairs to pass the gate (a third of
     them gave holdout agreement 0.40, coverage 0.10) and the drift monitor needs enough requests in its window to
-    be sure; the grace period costs seconds, training is what takes time."""
+    be sure; the grace period costs seconds, training is what takes time.
+
+    The grace phase sends the agent's ``grace_conversations`` (its ``grace_period.min_conversations``; each
+    replayed message is a conversation) and at least 1,200: the grace period completes with the phase's last
+    requests, so the first snapshot holds all of them. Met earlier, the curator snapshots whatever is stored
+    by then (736 training pairs in one run against 935 in another, and a rejection)."""
     ordered = frequent_intents(workload)
     if n_intents < 1 or n_intents + held_back > len(ordered):
         raise ValueError(
@@ -76,7 +83,8 @@ def make_plan(
         return max(50, int(full * scale))
 
     phases = (
-        Phase("grace", "grace period: the teacher answers everything", 1200, "train", concurrency=64, seed=7),
+        Phase("grace", "grace period: the teacher answers everything", max(GRACE_REQUESTS, grace_conversations),
+              "train", concurrency=64, seed=7),
         Phase("live", "live: the student serves, the teacher checks a shadow share", n(600), "test",
               concurrency=student_concurrency, seed=11),
         Phase("drift", "drift: held-back intents arrive", 500, "test", held_back_share=0.5,

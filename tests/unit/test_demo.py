@@ -36,6 +36,8 @@ def test_plan_is_narrow_then_shifts_to_held_back_intents(banking77) -> None:
     sizes = {s.name: (s.requests, f.requests) for s, f in zip(short.phases, plan.phases, strict=True)}
     assert sizes["grace"][0] == sizes["grace"][1] and sizes["drift"][0] == sizes["drift"][1]  # data, detection
     assert sizes["live"][0] < sizes["live"][1] and sizes["recovery"][0] < sizes["recovery"][1]
+    assert plan.phase("grace").requests == 1200  # about 1,000 training pairs
+    assert make_plan(banking77, 20, grace_conversations=1500).phase("grace").requests == 1500  # completes grace
     with pytest.raises(ValueError, match=r"needs 75 \+ 5"):
         make_plan(banking77, 75)
     with pytest.raises(KeyError, match="no phase"):
