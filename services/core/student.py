@@ -39,6 +39,17 @@ def prompt_json(messages: Sequence[ChatMessage], tools: str | None = None) -> st
     return json.dumps(msgs, ensure_ascii=False)
 
 
+# A request that ran out of time (or was cancelled) would only run out of time again: Triton still has it
+# queued. Retrying it doubled the load on an overloaded student (the demo's live phase saw it).
+NO_RETRY_STATUSES = ("DEADLINE_EXCEEDED", "CANCELLED")
+
+
+def retry_with_latest(version: int | None, status: str | None) -> bool:
+    """Whether a failed inference on ``version`` is asked again of the latest version: only a request for a
+    given version (a hot swap may have unloaded it) that did not fail by time."""
+    return bool(version) and not any(s in (status or "") for s in NO_RETRY_STATUSES)
+
+
 class StudentClient:
     def __init__(self, grpc_url: str, timeout_s: float = 30.0) -> None:
         self.grpc_url = grpc_url
@@ -74,8 +85,8 @@ class StudentClient:
                     outputs=outputs,
                     client_timeout=self.timeout_s,
                 )
-            except InferenceServerException:
-                if not version:
+            except InferenceServerException as first:
+                if not retry_with_latest(version, first.status()):
                     raise
                 # A hot swap: Triton serves the new version (and unloads the old) a moment before the router
                 # reads the promotion. The latest version answers instead; the response names which one did.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.core.agents import DEFAULT_TIERS
+from services.core.student import retry_with_latest
 from services.router import routing
 from services.router.routing import AgentView, Usage, after_student, canary_share, costs, plan
 
@@ -125,3 +126,20 @@ def test_approx_tokens() -> None:
     assert approx_tokens("") == 0
     assert approx_tokens("abc") == 1
     assert approx_tokens("a" * 40) == 10
+
+
+@pytest.mark.parametrize(
+    ("version", "status", "retry"),
+    [
+        (3, "StatusCode.UNAVAILABLE", True),  # a hot swap unloaded version 3: the latest answers
+        (3, "StatusCode.INTERNAL", True),
+        (3, None, True),
+        (3, "StatusCode.DEADLINE_EXCEEDED", False),  # asking again would only wait again, and load the student
+        (3, "StatusCode.CANCELLED", False),
+        (None, "StatusCode.UNAVAILABLE", False),  # already the latest
+    ],
+)
+def test_a_failed_student_request_is_asked_of_the_latest_version_only_after_a_swap(
+    version: int | None, status: str | None, retry: bool
+) -> None:
+    assert retry_with_latest(version, status) is retry
