@@ -69,8 +69,9 @@ async def test_the_demo_turns_the_flywheel_and_reports_it(demo_settings: Setting
     text = out.getvalue()
 
     assert [p.name for p in report.phases] == ["grace", "live", "drift", "recovery"], (report.notes, text)
-    assert [p.requests for p in report.phases] == [48, 12, 24, 8]
-    grace, live, _drift, recovery = report.phases
+    grace, live, drift, recovery = report.phases
+    assert [p.requests for p in (grace, live, recovery)] == [48, 12, 8]
+    assert 0 < drift.requests <= 24  # the drift phase stops when the monitor fires
     assert grace.teacher == 48 and grace.student == 0
     assert live.student_eligible == 12 and live.shadow_samples > 0  # the student answered, the teacher shadowed
     assert all(p.failed == 0 for p in report.phases)
@@ -87,7 +88,7 @@ async def test_the_demo_turns_the_flywheel_and_reports_it(demo_settings: Setting
     for key in ("agreement_holdout", "agreement_live", "fallback_rate", "student_share", "cost_usd",
                 "teacher_only_cost_usd", "savings_pct", "teacher_p95_ms", "student_p95_ms"):
         assert key in saved, key
-    assert saved["requests"] == 92 and len(saved["timeline"]) == len(report.timeline)
+    assert saved["requests"] == 68 + drift.requests and len(saved["timeline"]) == len(report.timeline)
     md = (tmp_path / "report.md").read_text()
     assert "## Stage timeline" in md and "| recovery | 8 |" in md
     with pytest.raises(Exception, match="already been through the flywheel"):
