@@ -358,14 +358,18 @@ class Demo:
 
 
 def _brief(evidence: str) -> dict[str, object]:
-    """The short figures of a trigger's evidence (its SQL and long lists left out)."""
+    """The short figures of a trigger's evidence, its one-line summary first (the SQL and long lists left
+    out)."""
     try:
         data = json.loads(evidence)
     except ValueError:
         return {"evidence": evidence[:80]}
     if not isinstance(data, dict):
         return {"evidence": str(data)[:80]}
-    return {k: v for k, v in data.items() if k not in ("query", "sql") and len(str(v)) < 80}
+    brief = {k: v for k, v in data.items() if k not in ("query", "sql") and len(str(v)) < 80}
+    if isinstance(data.get("summary"), str):
+        brief = {"summary": data["summary"], **brief}
+    return brief
 
 
 def _read_progress(path: Path, agent_id: str, snapshot_id: str) -> dict[str, float] | None:

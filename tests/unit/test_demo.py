@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -93,3 +94,12 @@ def test_timeline_describes_the_lifecycle() -> None:
         "promoted as version 2: holdout agreement 0.900, confidence threshold 0.80",
     ]
     assert describe_event(events[3]).startswith("promoted")
+
+
+def test_a_triggers_brief_keeps_its_summary_and_leaves_out_the_sql() -> None:
+    from services.demo.run import _brief
+
+    summary = "0.326 of 138 labelled requests on 28 unseen intents (limit 0.200), p=0.000336 (alpha 0.01)"
+    evidence = json.dumps({"rule": "intent_shift", "summary": summary, "alpha": 0.01, "query": "SELECT 1"})
+    assert _brief(evidence) == {"summary": summary, "rule": "intent_shift", "alpha": 0.01}
+    assert _brief("not json") == {"evidence": "not json"}
