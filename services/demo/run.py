@@ -249,24 +249,25 @@ class Demo:
         raise DemoError(f"no gate verdict for {self.plan.agent_id} within {self.plan.wait_training_s:.0f} s; see "
                         f"{self.settings.log_dir}/trainer.log and curator.log")
 
+    async def first_drift(self, since: datetime) -> RetrainTriggered | None:
+        """The first drift trigger after ``since``, if the monitor has fired."""
+        events = await asyncio.to_thread(self.watch.after, since)
+        return next((e for e in events if isinstance(e, RetrainTriggered) and e.reason in DRIFT_REASONS), None)
+
     async def drift_fired(self, since: datetime) -> RetrainTriggered:
         """The first drift trigger after ``since`` (polls until there is one)."""
         while True:
             with _quiet():
-                events = await asyncio.to_thread(self.watch.after, since)
-                fired = [e for e in events if isinstance(e, RetrainTriggered) and e.reason in DRIFT_REASONS]
-                if fired:
-                    return fired[0]
+                if fired := await self.first_drift(since):
+                    return fired
             await asyncio.sleep(POLL_S)
 
     async def wait_drift(self, since: datetime) -> RetrainTriggered | None:
         deadline = time.monotonic() + self.plan.wait_drift_s
         with self.console.status("waiting for the drift monitor (it checks sliding windows of live traffic)..."):
             while time.monotonic() < deadline:
-                events = await asyncio.to_thread(self.watch.after, since)
-                fired = [e for e in events if isinstance(e, RetrainTriggered) and e.reason in DRIFT_REASONS]
-                if fired:
-                    return fired[0]
+                if fired := await self.first_drift(since):
+                    return fired
                 await asyncio.sleep(POLL_S)
         return None
 
