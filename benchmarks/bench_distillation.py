@@ -26,8 +26,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import services.student_runtime as runtime  # noqa: E402
 from services.core.agents import AgentConfig, Distillation, Output, Validation  # noqa: E402
-from services.core.model_repository import student_runtime  # noqa: E402
 from services.trainer import data as D  # noqa: E402
 from services.trainer.base_model import prepare_base  # noqa: E402
 from services.trainer.calibrate import coverage_at  # noqa: E402
@@ -86,7 +86,6 @@ def main() -> None:
 
     # Stage 1: the base with the snapshot's prompt (system prompt + few-shot), constrained labels.
     base = prepare_base(args.base, None, artifacts / "base_models")
-    runtime = student_runtime()
     gen1 = runtime.StudentGenerator(student_spec(base.path, None, labels, None, 96))
     hold1 = snap.holdout[: args.stage1_holdout]
     prompts1 = [D.prompt_json(D.student_messages(snap.prompt, e.messages)) for e in hold1]
@@ -116,7 +115,7 @@ def main() -> None:
     # Latency of the trained student at batch 1, through the serving code.
     gen2 = runtime.StudentGenerator(
         student_spec(base.path, str(result.adapter_dir), result.labels, result.system_prompt, result.max_new_tokens,
-                     result.answer_template)
+                     result.answer_template, result.decode_hints)
     )
     lat = []
     for prompt in result.holdout_prompts[: args.latency_probes]:

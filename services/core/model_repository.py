@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import math
@@ -36,9 +35,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from functools import cache
 from pathlib import Path
-from types import ModuleType
 from typing import Any, NoReturn
 
 import numpy as np
@@ -91,11 +88,15 @@ class StudentModelSpec:
     system_prompt: str | None = None  # prepended to chat messages that carry no system message
     # Answer fields fixed per label, put back after generation (``expand_answer`` in the student runtime).
     answer_template: Mapping[str, Any] = field(default_factory=dict)
+    # The usual text after each label (and overall), verified as a draft instead of generated token by token.
+    label_tails: Mapping[str, str] = field(default_factory=dict)
+    default_tail: str = ""
+    max_prompt_tokens: int | None = None  # training's prompt limit: longer prompts are cut as in training
     dtype: str = "float32"  # CPU: float32 is the fast path without AMX
     num_threads: int | None = None  # torch threads in the Triton stub; default: every core
     warmup: bool = True  # answer once while loading, so a version that cannot answer fails its load
     # Triton scheduling (config.pbtxt, shared by every version of the model).
-    max_batch_size: int = 8
+    max_batch_size: int = 16  # concurrent requests share forward passes (a ragged batch, see student_runtime)
     max_queue_delay_us: int = 2000
     instance_count: int = 1
     metadata: Mapping[str, Any] = field(default_factory=dict)  # lineage: dataset, run, metrics...
@@ -119,6 +120,7 @@ class StudentModelSpec:
         data["labels"] = list(self.labels)
         data["metadata"] = dict(self.metadata)
         data["answer_template"] = dict(self.answer_template)
+        data["label_tails"] = dict(self.label_tails)
         base = Path(self.base_model).expanduser()
         # A local base model is recorded absolute: the Triton stub runs in another working directory.
         data["base_model"] = str(base.absolute()) if base.exists() else self.base_model
@@ -169,22 +171,6 @@ def render_student_version(
 def render_echo_version(dest: Path, templates_dir: Path = TEMPLATES_DIR) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copy2(templates_dir / "echo" / "model.py", dest / "model.py")
-
-
-@cache
-def student_runtime(templates_dir: Path = TEMPLATES_DIR) -> ModuleType:
-    """The student's serving code (``infra/triton/student/model.py``) as a module, outside Triton.
-
-    The trainer evaluates candidates and calibrates confidence with ``StudentGenerator`` and renders training
-    prompts with ``render_prompt`` from here, so training, evaluation and serving share one code path.
-    """
-    path = templates_dir / "student" / "model.py"
-    spec = importlib.util.spec_from_file_location("flywheel_student_runtime", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load the student runtime from {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _atomic_write(path: Path, text: str) -> None:

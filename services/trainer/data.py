@@ -9,7 +9,7 @@ benchmarks)::
         manifest.json                DatasetSnapshot fields, counts, filter stats, the stage-1 prompt
         prompt.json                  {"system_prompt": str, "few_shot": [[user turn, assistant turn]...]}
 
-Prompts are rendered by the serving code's ``render_prompt`` (``student_runtime()``), so a student is trained
+Prompts are rendered by the student runtime's ``render_prompt``, so a student is trained
 on exactly the text Triton will feed it.
 """
 
@@ -267,20 +267,62 @@ def encode_example(
     max_len: int,
     prefix: str = LABEL_PREFIX,
     suffix: str = LABEL_SUFFIX,
+    prompt_limit: int | None = None,
+    prefix_ids: Sequence[int] = (),
 ) -> Encoded | None:
     """Prompt + answer + EOS as ids, labels IGNORE on the prompt. The prompt text is chat-rendered (its
-    special tokens are in the text), so it is encoded without adding more. When too long, the prompt is cut
-    from the left (the answer is what is learnt); None when even the answer does not fit."""
+    special tokens are in the text), so it is encoded without adding more.
+
+    A prompt over ``prompt_limit`` tokens is cut by the student runtime's ``fit_prompt`` (the shared
+    ``prefix_ids`` and its end kept), the rule serving applies to the same prompt; without a limit it is cut to what
+    ``max_len`` leaves beside the answer. None when the example does not fit ``max_len``."""
+    from services.student_runtime.prompt import fit_prompt
+
     prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
+    answer_ids = answer_token_ids(tokenizer, target, eos_id, prefix, suffix)
+    if len(answer_ids) >= max_len:
+        return None
+    limit = prompt_limit if prompt_limit is not None else max_len - len(answer_ids)
+    prompt_ids = fit_prompt(prompt_ids, limit, list(prefix_ids))
+    if len(prompt_ids) + len(answer_ids) > max_len:
+        return None
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+
+
+def answer_token_ids(
+    tokenizer: Any, target: str, eos_id: int, prefix: str = LABEL_PREFIX, suffix: str = LABEL_SUFFIX
+) -> list[int]:
+    """The answer's token ids as trained (and as constrained decoding produces them), EOS included."""
     answer_ids: list[int] = []
     for piece in target_segments(target, prefix, suffix):
         answer_ids.extend(tokenizer.encode(piece, add_special_tokens=False))
     answer_ids.append(eos_id)
-    if len(answer_ids) >= max_len:
-        return None
-    keep = max_len - len(answer_ids)
-    prompt_ids = prompt_ids[-keep:] if len(prompt_ids) > keep else prompt_ids
-    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+    return answer_ids
+
+
+def prompt_limit(max_len: int, answer_lengths: Sequence[int]) -> int:
+    """The prompt tokens a version reads at most: what ``max_len`` leaves beside the longest trained answer
+    (at least half of it). Training cuts every prompt to it and the spec carries it, so serving cuts alike."""
+    longest = max(answer_lengths, default=0)
+    return max(max_len // 2, max_len - longest)
+
+
+def label_tails(targets: Iterable[str], prefix: str = LABEL_PREFIX, suffix: str = LABEL_SUFFIX
+                ) -> tuple[dict[str, str], str]:  # fmt: skip
+    """The usual text after each label in these answers (``{label: tail}``) and the usual one overall: the
+    fast decoder feeds it as a draft and verifies it in one forward pass instead of generating it."""
+    per_label: dict[str, Counter[str]] = {}
+    overall: Counter[str] = Counter()
+    for target in targets:
+        pieces = target_segments(target, prefix, suffix)
+        if len(pieces) < 2 or pieces[0] != prefix:
+            continue
+        label = pieces[1][: len(pieces[1]) - len(suffix)] if suffix else pieces[1]
+        tail = pieces[2] if len(pieces) > 2 else ""
+        per_label.setdefault(label, Counter())[tail] += 1
+        overall[tail] += 1
+    tails = {label: counts.most_common(1)[0][0] for label, counts in sorted(per_label.items())}
+    return tails, (overall.most_common(1)[0][0] if overall else "")
 
 
 def batches(

@@ -2,7 +2,7 @@
 against gold labels, confidences for calibration, and latency.
 
 The comparisons at the top are pure. ``evaluate_holdout`` generates the answers with the serving code itself
-(``StudentGenerator`` from ``infra/triton/student/model.py`` via ``student_runtime()``), so what is measured
+(``services.student_runtime.StudentGenerator``, which the Triton model file wraps), so what is measured
 here is what Triton will serve; ``triton_latency`` measures the published version through Triton.
 """
 

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from services.core.agents import AgentConfig
-from services.core.model_repository import student_runtime
 from services.core.records import GateVerdict
+from services.student_runtime import StudentGenerator, render_prompt
+from services.student_runtime.prompt import shared_prefix_ids
 from services.trainer import data as D
 from services.trainer.base_model import ResolvedBase, load_model_and_tokenizer, prepare_base
 from services.trainer.calibrate import Calibration, calibrate_threshold
@@ -57,6 +58,8 @@ class JobResult:
     verdict: GateVerdict
     config_hash: str
     holdout_prompts: list[str] = field(default_factory=list)
+    # How the version decodes (spec.json): label tails to verify as drafts, the prompt limit of training.
+    decode_hints: dict[str, Any] = field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """What the ModelEvent carries (floats only, by the schema)."""
@@ -112,10 +115,11 @@ def labels_of(examples: Sequence[D.Example]) -> list[str]:
 
 def student_spec(
     base_path: str, adapter: str | None, labels: Sequence[str], system_prompt: str | None, max_new_tokens: int,
-    answer_template: dict[str, Any] | None = None,
+    answer_template: dict[str, Any] | None = None, decode_hints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The spec dict ``StudentGenerator`` (and Triton, via spec.json) serves."""
     return {
+        **(decode_hints or {}),
         "answer_template": answer_template or {},
         "base_model": base_path,
         "adapter_path": adapter,
@@ -159,19 +163,25 @@ def run_job(
     t0 = time.monotonic()
     model, tokenizer = load_model_and_tokenizer(base.path, base.gguf_file)
     log.info("base %s loaded from %s in %.1fs", base.name, base.path, time.monotonic() - t0)
-    render = student_runtime().render_prompt
     eos_id = eos_for_training(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     train_examples = snapshot.train[: cfg.max_train_examples] if cfg.max_train_examples else snapshot.train
     template = D.build_answer_template(ex.target for ex in train_examples) if cfg.compact_targets else {}
     system_prompt = options.system_prompt or D.template_prompt(template)
+    targets = [D.compact_target(ex.target, template) if template else ex.target for ex in train_examples]
+    # One prompt limit for training and serving: the longest answer decides what is left for the prompt, and
+    # the system prompt's shared tokens are always kept (serving reuses their keys/values).
+    limit = D.prompt_limit(cfg.max_seq_len, [len(D.answer_token_ids(tokenizer, t, eos_id)) for t in targets])
+    shared = shared_prefix_ids(tokenizer, system_prompt)
+    tails, default_tail = D.label_tails(targets)
+    hints = {"label_tails": tails, "default_tail": default_tail, "max_prompt_tokens": limit}
     encoded = []
     skipped = 0
-    for ex in train_examples:
-        text = render(tokenizer, ex.messages, system_prompt)
-        target = D.compact_target(ex.target, template) if template else ex.target
-        item = D.encode_example(tokenizer, text, target, eos_id, cfg.max_seq_len)
+    for ex, target in zip(train_examples, targets, strict=True):
+        text = render_prompt(tokenizer, ex.messages, system_prompt)
+        item = D.encode_example(tokenizer, text, target, eos_id, cfg.max_seq_len, prompt_limit=limit,
+                                prefix_ids=shared)
         if item is None:
             skipped += 1
         else:
@@ -197,9 +207,9 @@ def run_job(
     spec = student_spec(
         str(publish_dir) if merged else base.path,
         None if merged else str(train.adapter_dir),
-        labels, system_prompt, max_new_tokens, template,
+        labels, system_prompt, max_new_tokens, template, hints,
     )
-    generator = student_runtime().StudentGenerator(spec)
+    generator = StudentGenerator(spec)
     t0 = time.monotonic()
     report = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
     log.info("holdout: %d answers in %.1fs, agreement %.4f, format %.4f", report.size, time.monotonic() - t0,
@@ -224,6 +234,7 @@ def run_job(
         max_new_tokens=max_new_tokens, system_prompt=system_prompt, answer_template=template, train=train,
         report=report,
         calibration=calibration, verdict=verdict, config_hash=chash, holdout_prompts=prompts,
+        decode_hints=hints,
     )
     (run_dir / "report.json").write_text(json.dumps(result.report_json(), indent=2, default=str) + "\n")
     log.info("gate (%s): %s %s", verdict.mode, "PASSED" if verdict.passed else "FAILED", "; ".join(verdict.reasons))

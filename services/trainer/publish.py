@@ -78,7 +78,7 @@ def candidate_event(result: JobResult) -> ModelEvent:
     return _event(result, "candidate", metrics=result.metrics(), confidence_threshold=result.calibration.threshold)
 
 
-def student_spec_for(result: JobResult, max_batch_size: int = 8) -> StudentModelSpec:
+def student_spec_for(result: JobResult, max_batch_size: int = 16) -> StudentModelSpec:
     metadata = {**lineage(result), "metrics": result.metrics(), "confidence_threshold": result.calibration.threshold}
     return StudentModelSpec(
         base_model=str(result.publish_dir) if result.merged else result.base.path,
@@ -89,6 +89,9 @@ def student_spec_for(result: JobResult, max_batch_size: int = 8) -> StudentModel
         label_suffix='"' if result.labels else "",
         system_prompt=result.system_prompt,
         answer_template=result.answer_template,
+        label_tails=result.decode_hints.get("label_tails") or {},
+        default_tail=str(result.decode_hints.get("default_tail") or ""),
+        max_prompt_tokens=result.decode_hints.get("max_prompt_tokens"),
         max_batch_size=max_batch_size,
         metadata=metadata,
     )

@@ -116,3 +116,58 @@ def build_tiny_lora_adapter(base_path: Path, path: Path, seed: int = 1, r: int =
     path = Path(path)
     model.save_pretrained(path)
     return path
+
+
+# A tiny student trained to answer in the compact format, with some answers carrying arguments (so the label
+# tail's draft is sometimes rejected) and labels sharing token prefixes (so some label steps are forced).
+TINY_TRAINING = [
+    ("When will my new card arrive?", "card_arrival", {}),
+    ("My card has still not arrived", "card_arrival", {}),
+    ("I lost my card yesterday", "lost_or_stolen_card", {}),
+    ("Someone stole my card", "lost_or_stolen_card", {}),
+    ("What is my balance?", "balance", {}),
+    ("Show my account balance please", "balance", {}),
+    ("I want a refund of 20 euros", "refund", {"amount": "20 euros"}),
+    ("Refund my pending transfer", "refund", {}),
+    ("My top up failed", "top_up_failed", {}),
+    ("Top up of 5 pounds failed", "top_up_failed", {"amount": "5 pounds"}),
+]
+TINY_LABELS = sorted({label for _, label, _ in TINY_TRAINING})
+TINY_SYSTEM = "You are a support agent. Answer with JSON: intent, arguments."
+
+
+def tiny_target(label: str, arguments: dict[str, str]) -> str:
+    import json
+
+    return json.dumps({"intent": label, "arguments": arguments})
+
+
+def build_trained_tiny_student(path: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A tiny model fully fine-tuned (a few seconds) on ``TINY_TRAINING`` in the trainer's encoding: it writes
+    the answer structure, often the right label, and not always (a realistic mix for decoder tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.student_runtime.prompt import render_prompt
+    from services.trainer import data as D
+
+    base = build_tiny_model(Path(path), seed=seed, hidden_size=64, layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    encoded = [
+        D.encode_example(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": text}], TINY_SYSTEM),
+                         tiny_target(label, args), tokenizer.eos_token_id, 256)
+        for text, label, args in TINY_TRAINING
+    ]
+    batch = D.collate([e for e in encoded if e is not None], tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    model.save_pretrained(base)
+    return base

@@ -42,7 +42,7 @@ def test_default_base_loads_offline_caches_fp32_and_generates(base_cache: Path, 
     again = prepare_base(SMOLLM2_ALIAS, None, base_cache)  # the cached copy: no second dequantisation
     assert again.path == base.path and time.monotonic() - started < 1.0
 
-    from services.core.model_repository import student_runtime
+    from services.student_runtime import StudentGenerator
 
     started = time.monotonic()
     model, tokenizer = load_model_and_tokenizer(base.path)
@@ -51,7 +51,7 @@ def test_default_base_loads_offline_caches_fp32_and_generates(base_cache: Path, 
     assert sum(p.numel() for p in model.parameters()) > 100_000_000
     del model
 
-    generator = student_runtime().StudentGenerator({"base_model": base.path, "max_new_tokens": 8})
+    generator = StudentGenerator({"base_model": base.path, "max_new_tokens": 8})
     prompt = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
     (text, confidence), = generator.generate([prompt])
     assert text.strip() and 0.0 < confidence <= 1.0

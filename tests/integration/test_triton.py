@@ -26,11 +26,11 @@ from services.core.model_repository import (
     infer_text,
     render_config,
     student_model_name,
-    student_runtime,
 )
 from services.core.settings import Settings
 from services.stack.process import ProcessManager, StackError, free_port
 from services.stack.triton import MALLOC_ENV, TritonServer
+from services.student_runtime import StudentGenerator
 from tests.helpers.tiny_model import build_tiny_lora_adapter, build_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -164,7 +164,7 @@ def test_student_model_names_are_triton_safe_and_distinct() -> None:
 
 def test_configs_render_with_latest_version_policy() -> None:
     config = render_config("student", StudentModelSpec(base_model="x").config_values())
-    assert "max_batch_size: 8" in config and "latest: { num_versions: 1 }" in config
+    assert "max_batch_size: 16" in config and "latest: { num_versions: 1 }" in config
     assert "$" not in config
 
 
@@ -208,7 +208,7 @@ def test_student_answers_over_grpc_and_http(
         triton.endpoints()["triton_http"], published.model, [MESSAGES, raw_prompt]
     )
     assert http_texts == texts and http_confidences == pytest.approx(confidences, abs=1e-5)
-    local = student_runtime().StudentGenerator(json.loads((published.path / "spec.json").read_text()))
+    local = StudentGenerator(json.loads((published.path / "spec.json").read_text()))
     local_answers = local.generate([MESSAGES, raw_prompt])
     assert [a[0] for a in local_answers] == texts
     assert [a[1] for a in local_answers] == pytest.approx(confidences, abs=1e-5)

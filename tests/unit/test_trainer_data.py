@@ -167,9 +167,9 @@ def test_answer_template_fixes_the_fields_every_label_fixes() -> None:
 
 
 def test_compact_target_round_trips_through_the_serving_expansion() -> None:
-    from services.core.model_repository import student_runtime
+    from services.student_runtime import expand_answer
 
-    expand = student_runtime().expand_answer
+    expand = expand_answer
     template = D.build_answer_template(TEMPLATE_TARGETS)
     for target in TEMPLATE_TARGETS:
         compact = D.compact_target(target, template)

@@ -1,0 +1,263 @@
+"""The fast greedy constrained decoder: the plain decode's answers with a fraction of its forward passes.
+
+What it does differently from ``reference.reference_decode`` (and why the answers stay the same):
+
+* **Forced tokens are not decided.** Inside a label, a trie node with one child leaves one valid token; the
+  plain decode spends a forward pass to pick it with probability exactly 1. Here it is appended at once, and
+  every forced token goes into the next forward pass together.
+* **Drafts of the answer's fixed structure are verified, not generated.** The constant prefix before the label
+  (``{"intent": "``) and the usual tail after each label (``", "arguments": {}}`` + EOS, from the training
+  targets) are fed as a draft in the same forward pass as the prompt or the label; the model's greedy choice
+  at each draft position is computed from that one pass, and the draft is accepted up to the first position
+  where the model would have chosen otherwise. From there the model's own token is taken and decoding goes on,
+  so the answer is the plain greedy one whatever the draft said. Rejected draft positions are masked out of the
+  keys/values (explicit positions keep every row's positions contiguous).
+* **Only allowed tokens are scored** at a constrained step: hidden state x those rows of the output layer,
+  renormalised over them (what the plain decode's renormalised probability is).
+* **The system prompt's keys/values are computed once** per loaded version (``PrefixCache``) and shared by
+  every request whose tokens start with them.
+* **Ragged batches:** each row feeds its own number of tokens per pass (right-padded, masked), finished rows
+  leave the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.student_runtime.labels import LabelCursor
+
+
+class NoLabels:
+    """The cursor of a student without constrained labels: every step is free."""
+
+    __slots__ = ("end", "start", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.start = self.end = None
+
+    def copy(self) -> NoLabels:
+        other = NoLabels()
+        other.tokens = list(self.tokens)
+        return other
+
+    def allowed(self) -> list[int] | None:
+        return None
+
+    def advance(self, token: int) -> None:
+        self.tokens.append(token)
+
+    @property
+    def label_tokens(self) -> list[int]:
+        return []
+
+
+@dataclass
+class Row:
+    """One answer being decoded."""
+
+    index: int  # position in the caller's batch
+    cursor: LabelCursor | NoLabels
+    feed: list[int]  # tokens chosen (or the prompt) whose keys/values are not computed yet
+    pos: int  # position id of feed[0]
+    probs: list[float] = field(default_factory=list)
+    passes: int = 0
+    done: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.cursor.tokens
+
+
+@dataclass(frozen=True)
+class PrefixCache:
+    """Keys/values of a token prefix shared by many prompts: one (keys, values) pair per layer, batch 1."""
+
+    ids: tuple[int, ...]
+    layers: tuple[tuple[Any, Any], ...]
+
+
+class FastDecoder:
+    """Decodes batches for one loaded student (``generator.StudentGenerator`` owns the model)."""
+
+    def __init__(self, student: Any) -> None:
+        self.s = student
+        self.torch = student.torch
+        model = student.model
+        self.body = getattr(model, model.base_model_prefix)  # the transformer without its output layer
+        self.head = model.get_output_embeddings().weight  # [vocab, hidden]
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.prefix: PrefixCache | None = None
+        self.tails: dict[tuple[int, ...], list[int]] = {}
+        self.default_tail: list[int] = []
+
+    # Set-up -------------------------------------------------------------------------------------------------
+    def cache_prefix(self, ids: list[int]) -> None:
+        """Compute the keys/values of ``ids`` once (the system prompt shared by every request)."""
+        from transformers import DynamicCache
+
+        if not ids:
+            self.prefix = None
+            return
+        torch = self.torch
+        cache = DynamicCache()
+        with torch.inference_mode():
+            self.body(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids)).unsqueeze(0),
+                      past_key_values=cache, use_cache=True)
+        layers = tuple((layer.keys.clone(), layer.values.clone()) for layer in cache.layers)
+        self.prefix = PrefixCache(tuple(ids), layers)
+
+    def set_tails(self, tails: dict[tuple[int, ...], list[int]], default: list[int]) -> None:
+        """Drafts of what follows each label (label token ids -> tail ids ending in EOS)."""
+        self.tails, self.default_tail = dict(tails), list(default)
+
+    # Logits -------------------------------------------------------------------------------------------------
+    def _scores(self, hidden: Any, rows: Any | None = None) -> Any:
+        weight = self.head if rows is None else self.head.index_select(0, rows)
+        logits = (hidden @ weight.T).float()
+        if self.softcap:
+            logits = self.torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _free(self, hidden: Any) -> list[tuple[int, float]]:
+        """Greedy token and its probability over the whole vocabulary, for each row of ``hidden``."""
+        torch = self.torch
+        logprobs = torch.log_softmax(self._scores(hidden), dim=-1)
+        best = logprobs.argmax(dim=-1)
+        chosen = logprobs.gather(1, best.unsqueeze(1)).squeeze(1)
+        return [(int(t), float(torch.exp(p))) for t, p in zip(best, chosen, strict=True)]
+
+    def _constrained(self, hidden: Any, allowed: list[int]) -> tuple[int, float]:
+        torch = self.torch
+        scores = self._scores(hidden.unsqueeze(0), torch.tensor(allowed, dtype=torch.long))[0]
+        best = int(scores.argmax())
+        return allowed[best], float(torch.exp(scores[best] - torch.logsumexp(scores, dim=0)))
+
+    # Drafts -------------------------------------------------------------------------------------------------
+    def _draft(self, row: Row, limit: int) -> list[int]:
+        cursor, tokens = row.cursor, row.tokens
+        draft: list[int] = []
+        if isinstance(cursor, LabelCursor):
+            if cursor.start is None:
+                want = cursor.trie.prefix_ids
+                if len(tokens) < len(want) and want[: len(tokens)] == tokens:
+                    draft = want[len(tokens) :]
+            elif cursor.end is not None:
+                tail = self.tails.get(tuple(cursor.label_tokens), self.default_tail)
+                after = tokens[cursor.end :]
+                if len(after) < len(tail) and tail[: len(after)] == after:
+                    draft = tail[len(after) :]
+        return draft[: max(0, limit - len(tokens) - 1)]
+
+    @staticmethod
+    def _free_positions(row: Row, draft: list[int]) -> list[int]:
+        """Offsets into the draft (0 = the last fed token) where the decision is free, if the draft holds."""
+        sim = row.cursor.copy()
+        free = []
+        for k in range(len(draft) + 1):
+            if sim.allowed() is None:
+                free.append(k)
+            if k < len(draft):
+                sim.advance(draft[k])
+        return free
+
+    # Decoding -----------------------------------------------------------------------------------------------
+    def decode(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
+        """Decode ``rows`` (their ``feed`` holds the prompt after the prefix) until each ends or hits ``limit``."""
+        from transformers import DynamicCache
+
+        torch = self.torch
+        prefix = self.prefix if use_prefix else None
+        active = [r for r in rows if not r.done]
+        if not active:
+            return
+        if prefix is not None:
+            n = len(active)
+            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
+                                                 for k, v in prefix.layers])
+            mask = torch.ones((n, len(prefix.ids)), dtype=torch.long)
+        else:
+            cache = DynamicCache()
+            mask = torch.zeros((len(active), 0), dtype=torch.long)
+        with torch.inference_mode():
+            while active:
+                drafts = [self._draft(r, limit) for r in active]
+                width = max(len(r.feed) + len(d) for r, d in zip(active, drafts, strict=True))
+                ids = torch.full((len(active), width), self.s.pad_id, dtype=torch.long)
+                step_mask = torch.zeros((len(active), width), dtype=torch.long)
+                positions = torch.zeros((len(active), width), dtype=torch.long)
+                free_at: list[tuple[int, int]] = []  # (row in batch, column) needing full-vocabulary logits
+                for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
+                    seq = row.feed + draft
+                    ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+                    step_mask[b, : len(seq)] = 1
+                    positions[b] = torch.arange(row.pos, row.pos + width)
+                    free_at.extend((b, len(row.feed) - 1 + k) for k in self._free_positions(row, draft))
+                mask = torch.cat([mask, step_mask], dim=1)
+                hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   past_key_values=cache, use_cache=True).last_hidden_state
+                free: dict[tuple[int, int], tuple[int, float]] = {}
+                if free_at:
+                    picks = hidden[[b for b, _ in free_at], [c for _, c in free_at]]
+                    free = dict(zip(free_at, self._free(picks), strict=True))
+                base = mask.shape[1] - width
+                for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
+                    row.passes += 1
+                    valid = self._accept(row, draft, hidden[b], free, b, limit)
+                    mask[b, base + valid :] = 0  # rejected draft positions and padding: never attended again
+                keep = [b for b, r in enumerate(active) if not r.done]
+                if len(keep) < len(active):
+                    if keep:
+                        index = torch.tensor(keep, dtype=torch.long)
+                        cache.batch_select_indices(index)
+                        mask = mask.index_select(0, index)
+                    active = [active[b] for b in keep]
+
+    def _accept(self, row: Row, draft: list[int], hidden: Any, free: dict, b: int, limit: int) -> int:
+        """Take the row's decisions from this pass; returns how many of its fed columns stay valid."""
+        seq = row.feed + draft
+        col = len(row.feed) - 1
+        cursor = row.cursor
+        eos = self.s.eos_ids
+        token = None
+        while True:
+            if len(cursor.tokens) >= limit:
+                row.done = True
+                break
+            allowed = cursor.allowed()
+            if allowed is None:
+                token, prob = free.get((b, col)) or self._free(hidden[col].unsqueeze(0))[0]
+            elif len(allowed) == 1:
+                token, prob = allowed[0], 1.0
+            else:
+                token, prob = self._constrained(hidden[col], allowed)
+            cursor.advance(token)
+            row.probs.append(prob)
+            if token in eos:
+                row.done = True
+                break
+            if col + 1 < len(seq) and seq[col + 1] == token:  # the draft's next token is the model's choice
+                col += 1
+                continue
+            break
+        valid = col + 1
+        row.pos += valid
+        row.feed = []
+        if row.done:
+            return valid
+        row.feed.append(token)
+        # Tokens forced by the label trie: appended without a decision, fed together in the next pass.
+        while len(cursor.tokens) < limit:
+            allowed = cursor.allowed()
+            if allowed is None or len(allowed) != 1:
+                break
+            cursor.advance(allowed[0])
+            row.probs.append(1.0)
+            if allowed[0] in eos:
+                row.done = True
+                break
+            row.feed.append(allowed[0])
+        if len(cursor.tokens) >= limit:
+            row.done = True
+        return valid

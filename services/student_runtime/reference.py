@@ -1,0 +1,100 @@
+"""The plain greedy constrained decode: one forward pass per answer token over a left-padded batch.
+
+This is the definition the fast decoder (``decode.FastDecoder``) must reproduce token for token (confidences
+within 1e-4): tests and ``benchmarks/bench_student_latency.py`` compare the two. It is not the serving path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from services.student_runtime.labels import END
+
+
+class LabelConstraint:
+    """The label constraint as the plain decode applies it: the trie is walked again at every step."""
+
+    def __init__(self, trie: Any) -> None:
+        self.tokenizer = trie.tokenizer
+        self.prefix = trie.prefix
+        self.trie = trie.root
+
+    def new_state(self, prompt: str) -> dict[str, Any]:
+        started = 0 if (self.prefix == "" or prompt.endswith(self.prefix)) else None
+        return {"start": started, "end": None}
+
+    def allowed(self, state: dict[str, Any], generated: list[int]) -> list[int] | None:
+        if state["end"] is not None:
+            return None
+        if state["start"] is None:
+            text = self.tokenizer.decode(generated, skip_special_tokens=False)
+            if not text.endswith(self.prefix):
+                return None
+            state["start"] = len(generated)
+        node = self.trie
+        for tok in generated[state["start"] :]:
+            node = node.get(tok, {})
+        if END in node:
+            state["end"] = len(generated)
+            return None
+        children = [t for t in node if t != END]
+        return children or None
+
+
+def reference_decode(
+    student: Any, prompts: list[tuple[str, list[int]]], limit: int
+) -> list[tuple[list[int], list[float], dict[str, Any] | None, int]]:
+    """(tokens, probabilities, constraint state, forward passes) per prompt; ``prompts`` are (text, ids)."""
+    torch = student.torch
+    model = student.model
+    constraint = LabelConstraint(student.labels) if student.labels else None
+    width = max(len(ids) for _, ids in prompts)
+    ids = torch.full((len(prompts), width), student.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, (_, seq) in enumerate(prompts):
+        ids[row, width - len(seq) :] = torch.tensor(seq, dtype=torch.long)
+        mask[row, width - len(seq) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    states = [constraint.new_state(text) if constraint else None for text, _ in prompts]
+    tokens: list[list[int]] = [[] for _ in prompts]
+    probs: list[list[float]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    passes = 0
+    past = None
+    step_ids, step_pos = ids, positions
+    with torch.inference_mode():
+        for _ in range(limit):
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                        use_cache=True, logits_to_keep=1)
+            passes += 1
+            past = out.past_key_values
+            logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            chosen = logprobs.argmax(dim=-1)
+            for row in range(len(prompts)):
+                if done[row]:
+                    chosen[row] = student.pad_id
+                    continue
+                allowed = constraint.allowed(states[row], tokens[row]) if constraint else None
+                if allowed:
+                    allowed_t = torch.tensor(allowed, dtype=torch.long)
+                    sub = logprobs[row, allowed_t]
+                    best = int(sub.argmax())
+                    tok = allowed[best]
+                    prob = float(torch.exp(sub[best] - torch.logsumexp(sub, dim=0)))
+                else:
+                    tok = int(chosen[row])
+                    prob = float(torch.exp(logprobs[row, tok]))
+                chosen[row] = tok
+                tokens[row].append(tok)
+                probs[row].append(prob)
+                if tok in student.eos_ids:
+                    done[row] = True
+            if all(done):
+                break
+            step_ids = chosen.unsqueeze(-1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((len(prompts), 1), dtype=mask.dtype)], dim=-1)
+    for row in range(len(prompts)):
+        if constraint and states[row] is not None:
+            constraint.allowed(states[row], tokens[row])  # closes a label completed on the last step
+    return [(tokens[r], probs[r], states[r], passes) for r in range(len(prompts))]

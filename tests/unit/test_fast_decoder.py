@@ -1,0 +1,102 @@
+"""The fast decoder against the plain greedy constrained decode, on a tiny student trained to write compact
+answers: the same tokens, the same confidences (within 1e-4), with far fewer forward passes; bad rows of a
+batch get their error and the others are answered; long prompts are cut as training cuts them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from services.student_runtime import StudentGenerator
+from services.trainer import data as D
+from tests.helpers.tiny_model import (
+    TINY_LABELS,
+    TINY_SYSTEM,
+    TINY_TRAINING,
+    build_trained_tiny_student,
+    tiny_target,
+)
+
+UNSEEN = ["card arrive refund", "balance of 7 euros", "what?", "stolen top up", "refund 30 pounds now please"]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> StudentGenerator:
+    base = build_trained_tiny_student(tmp_path_factory.mktemp("tiny-student"))
+    tails, default = D.label_tails([tiny_target(label, args) for _, label, args in TINY_TRAINING])
+    spec = {
+        "base_model": str(base), "max_new_tokens": 40, "labels": TINY_LABELS, "label_prefix": '{"intent": "',
+        "label_suffix": '"', "system_prompt": TINY_SYSTEM, "label_tails": tails, "default_tail": default,
+        "max_prompt_tokens": 60,
+    }
+    return StudentGenerator(spec)
+
+
+def chat(text: str, system: str | None = None) -> str:
+    messages = [{"role": "system", "content": system}] if system else []
+    return json.dumps([*messages, {"role": "user", "content": text}])
+
+
+def assert_same(fast, plain) -> None:
+    assert len(fast) == len(plain)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.error == b.error
+        assert a.token_ids == b.token_ids, (a.text, b.text)
+        assert a.text == b.text
+        assert abs(a.confidence - b.confidence) < 1e-4
+        assert (a.input_tokens, a.output_tokens) == (b.input_tokens, b.output_tokens)
+
+
+def test_fast_answers_are_the_plain_greedy_answers(student: StudentGenerator) -> None:
+    prompts = [chat(text) for text, _, _ in TINY_TRAINING] + [chat(text) for text in UNSEEN]
+    plain = [student.answer([p], reference=True)[0] for p in prompts]
+    alone = [student.answer([p])[0] for p in prompts]
+    batched = student.answer(prompts)
+    assert_same(alone, plain)
+    assert_same(batched, plain)
+    # The student learnt the format: most answers are a known label and no arguments, in two forward passes.
+    parsed = [json.loads(a.text) for a in alone]
+    assert sum(p["intent"] in TINY_LABELS for p in parsed) >= len(parsed) - 1
+    simple = [a for a, p in zip(alone, parsed, strict=True) if p.get("arguments") == {}]
+    assert simple and max(a.forward_passes for a in simple) <= 4
+    plain_passes = sum(len(b.token_ids) for b in plain)  # one pass per token in the plain decode
+    assert sum(a.forward_passes for a in alone) * 3 < plain_passes
+
+
+def test_prompts_without_the_shared_prefix_and_long_prompts_match(student: StudentGenerator) -> None:
+    prompts = [
+        chat("When will my new card arrive?", system="Another system prompt."),  # no shared prefix
+        "balance please",  # a pre-formatted prompt
+        chat("I lost my card yesterday " * 20),  # over max_prompt_tokens: cut as in training
+        chat("What is my balance?"),
+    ]
+    plain = [student.answer([p], reference=True)[0] for p in prompts]
+    assert_same(student.answer(prompts), plain)
+    assert plain[2].input_tokens == 60
+
+
+def test_bad_rows_get_their_error_and_the_others_are_answered(student: StudentGenerator) -> None:
+    good = chat("What is my balance?")
+    answers = student.answer(["", good, json.dumps([{"role": "wizard", "content": "x"}]), "x" * 70000, good])
+    assert answers[0].error == "PROMPT is empty"
+    assert "unknown chat role 'wizard'" in (answers[2].error or "")
+    assert "over the limit" in (answers[3].error or "")
+    expected = student.answer([good])[0]
+    for a in (answers[1], answers[4]):
+        assert a.error is None and a.token_ids == expected.token_ids
+
+
+def test_serving_reads_a_long_prompt_as_training_did(student: StudentGenerator) -> None:
+    from services.student_runtime import render_prompt
+    from services.student_runtime.prompt import shared_prefix_ids
+
+    messages = [{"role": "user", "content": "my card was stolen and " * 30}]
+    tok = student.tokenizer
+    text = render_prompt(tok, messages, TINY_SYSTEM)
+    target = tiny_target("lost_or_stolen_card", {})
+    trained = D.encode_example(tok, text, target, tok.eos_token_id, 256, prompt_limit=60,
+                               prefix_ids=shared_prefix_ids(tok, TINY_SYSTEM))
+    assert trained is not None
+    prompt_ids = [t for t, label in zip(trained.input_ids, trained.labels, strict=True) if label == D.IGNORE]
+    assert student.prepare(json.dumps(messages)).ids == prompt_ids
