@@ -35,9 +35,22 @@ class Prices(_Strict):
         return (input_tokens * self.input_per_1m + output_tokens * self.output_per_1m) / 1_000_000
 
 
+class SelfHosted(_Strict):
+    """The student on a machine of its own: what the machine costs an hour and the answers a second it serves
+    (measured by ``benchmarks/bench_student_latency.py``: ``student_answers_per_s``). Reported beside the list
+    price: the cost of an answer is the machine's time it takes."""
+
+    usd_per_hour: float = Field(0.10, ge=0, description="2 vCPUs in a public cloud, on demand")
+    answers_per_s: float = Field(20.0, gt=0)
+
+    def cost_per_answer(self) -> float:
+        return self.usd_per_hour / 3600 / self.answers_per_s
+
+
 class Tier(_Strict):
     teacher: Prices
     student: Prices
+    student_self_hosted: SelfHosted = Field(default_factory=SelfHosted)
 
 
 # The seed's prices (USD per 1M input / output tokens).

@@ -29,6 +29,11 @@ class StudentAnswer:
     model: str
     model_version: str
     latency_ms: float
+    # What the student read and generated (Triton's INPUT_TOKENS / OUTPUT_TOKENS); None from a version that
+    # does not report them.
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    forward_passes: int | None = None
 
 
 def prompt_json(messages: Sequence[ChatMessage], tools: str | None = None) -> str:
@@ -48,6 +53,14 @@ def retry_with_latest(version: int | None, status: str | None) -> bool:
     """Whether a failed inference on ``version`` is asked again of the latest version: only a request for a
     given version (a hot swap may have unloaded it) that did not fail by time."""
     return bool(version) and not any(s in (status or "") for s in NO_RETRY_STATUSES)
+
+
+OUTPUTS = ("TEXT", "CONFIDENCE", "INPUT_TOKENS", "OUTPUT_TOKENS", "FORWARD_PASSES")
+
+
+def _count(result, name: str) -> int | None:
+    values = result.as_numpy(name)
+    return None if values is None else int(values.reshape(-1)[0])
 
 
 class StudentClient:
@@ -74,7 +87,7 @@ class StudentClient:
         client = await self._get()
         prompt = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
         prompt.set_data_from_numpy(np.array([[prompt_json(messages, tools).encode()]], dtype=np.object_))
-        outputs = [grpcclient.InferRequestedOutput("TEXT"), grpcclient.InferRequestedOutput("CONFIDENCE")]
+        outputs = [grpcclient.InferRequestedOutput(name) for name in OUTPUTS]
         t0 = time.perf_counter()
         try:
             try:
@@ -109,6 +122,9 @@ class StudentClient:
             model=model,
             model_version=str(response.model_version),
             latency_ms=latency_ms,
+            input_tokens=_count(result, "INPUT_TOKENS"),
+            output_tokens=_count(result, "OUTPUT_TOKENS"),
+            forward_passes=_count(result, "FORWARD_PASSES"),
         )
 
     async def close(self) -> None:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from services.core.agents import DEFAULT_TIERS, Tier
 from services.core.clickhouse import param_time
 from services.core.lifecycle import LifecycleEvent
 from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered
@@ -39,6 +40,9 @@ SELECT
         AS gold_correct,
     sum(cost_usd) AS cost_usd,
     sum(teacher_only_cost_usd) AS teacher_only_cost_usd,
+    countIf(student_ran AND student_error IS NULL) AS student_answers,
+    sumIf(student_input_tokens, student_ran AND student_error IS NULL) AS student_input_tokens,
+    sumIf(student_output_tokens, student_ran AND student_error IS NULL) AS student_output_tokens,
     quantileExactIf(0.95)(teacher_latency_ms, teacher_ran AND teacher_error IS NULL) AS teacher_p95_ms,
     quantileExactIf(0.95)(student_latency_ms, student_ran AND student_error IS NULL) AS student_p95_ms
 FROM interactions FINAL
@@ -65,6 +69,9 @@ class PhaseFigures:
     gold_correct: int = 0
     cost_usd: float = 0.0
     teacher_only_cost_usd: float = 0.0
+    student_answers: int = 0  # the student answered (served, fell back or shadowed): each is billed
+    student_input_tokens: int = 0  # what the student read and generated over those answers
+    student_output_tokens: int = 0
     teacher_p95_ms: float = 0.0
     student_p95_ms: float = 0.0
 
@@ -87,6 +94,26 @@ class PhaseFigures:
     @property
     def savings(self) -> float:
         return 1 - self.cost_usd / self.teacher_only_cost_usd if self.teacher_only_cost_usd else 0.0
+
+    def prices(self, tier: Tier) -> dict[str, float]:
+        """The phase's cost at the tier's list price (as logged) and at the self-hosted price (the student's
+        answers at its machine's cost per answer instead of per token), each with its saving against teacher-only,
+        and the ideal saving: every request answered by the student alone (no fallback, no shadow)."""
+        student_list = tier.student.cost(self.student_input_tokens, self.student_output_tokens)
+        per_answer_list = student_list / self.student_answers if self.student_answers else 0.0
+        per_answer_self = tier.student_self_hosted.cost_per_answer()
+        self_hosted = self.cost_usd - student_list + self.student_answers * per_answer_self
+        base = self.teacher_only_cost_usd
+
+        def saving(cost: float) -> float:
+            return 1 - cost / base if base else 0.0
+
+        return {
+            "cost_usd": self.cost_usd, "savings": saving(self.cost_usd),
+            "cost_self_hosted_usd": self_hosted, "savings_self_hosted": saving(self_hosted),
+            "ideal_savings": saving(self.requests * per_answer_list) if self.student_answers else 0.0,
+            "ideal_savings_self_hosted": saving(self.requests * per_answer_self) if self.student_answers else 0.0,
+        }
 
 
 def phase_figures(ch: Client, agent_id: str, name: str, title: str, start: datetime, end: datetime) -> PhaseFigures:
@@ -140,6 +167,7 @@ class DemoReport:
     timeline: list[TimelineEntry] = field(default_factory=list)
     holdout: dict[str, float] = field(default_factory=dict)  # the last promotion's metrics
     notes: list[str] = field(default_factory=list)
+    prices: Tier = field(default_factory=lambda: DEFAULT_TIERS["cost-optimized"])  # the tier's prices
 
     def totals(self) -> PhaseFigures:
         total = PhaseFigures("total", "all phases", self.started_at, self.finished_at)
@@ -147,8 +175,9 @@ class DemoReport:
             for key in ("requests", "student", "teacher", "failed", "student_eligible", "fallbacks",
                         "shadow_samples", "shadow_agreed", "gold_total", "gold_correct"):
                 setattr(total, key, getattr(total, key) + getattr(p, key))
-            total.cost_usd += p.cost_usd
-            total.teacher_only_cost_usd += p.teacher_only_cost_usd
+            for key in ("cost_usd", "teacher_only_cost_usd", "student_answers", "student_input_tokens",
+                        "student_output_tokens"):
+                setattr(total, key, getattr(total, key) + getattr(p, key))
         total.teacher_p95_ms = max((p.teacher_p95_ms for p in self.phases), default=0.0)
         served = [p for p in self.phases if p.student]
         total.student_p95_ms = max((p.student_p95_ms for p in served), default=0.0)
@@ -171,10 +200,21 @@ class DemoReport:
             "cost_usd": total.cost_usd,
             "teacher_only_cost_usd": total.teacher_only_cost_usd,
             "savings_pct": 100 * total.savings,
+            **self._price_summary(total),
             "teacher_p95_ms": total.teacher_p95_ms,
             "student_p95_ms": total.student_p95_ms,
             "requests": total.requests,
             "failed": total.failed,
+        }
+
+    def _price_summary(self, total: PhaseFigures) -> dict[str, float]:
+        priced = total.prices(self.prices)
+        return {
+            "cost_self_hosted_usd": priced["cost_self_hosted_usd"],
+            "savings_pct_self_hosted": 100 * priced["savings_self_hosted"],
+            "ideal_savings_pct": 100 * priced["ideal_savings"],
+            "ideal_savings_pct_self_hosted": 100 * priced["ideal_savings_self_hosted"],
+            "student_usd_per_answer_self_hosted": self.prices.student_self_hosted.cost_per_answer(),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -185,7 +225,8 @@ class DemoReport:
             "phases": [
                 {**{k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(p).items()},
                  "student_share": p.student_share, "fallback_rate": p.fallback_rate,
-                 "live_agreement": p.live_agreement, "gold_accuracy": p.gold_accuracy, "savings": p.savings}
+                 "live_agreement": p.live_agreement, "gold_accuracy": p.gold_accuracy, "savings": p.savings,
+                 **p.prices(self.prices)}
                 for p in self.phases
             ],
             "timeline": [{"at": t.at.isoformat(), "what": t.what} for t in self.timeline],
@@ -223,6 +264,16 @@ class DemoReport:
                 f"| {pct(p.gold_accuracy)} | ${p.cost_usd:.4f} | ${p.teacher_only_cost_usd:.4f} | {pct(p.savings)} "
                 f"| {p.teacher_p95_ms:.0f} ms | {student_p95} |"
             )
+        total = self.totals().prices(self.prices)
+        hosted = self.prices.student_self_hosted
+        lines += [
+            "",
+            f"At the tier's list prices the flywheel saved {pct(total['savings'])} against teacher-only; with every "
+            f"request answered by the student alone it would save {pct(total['ideal_savings'])}. Self-hosted "
+            f"(a ${hosted.usd_per_hour:.2f}/h machine serving {hosted.answers_per_s:g} answers/s: "
+            f"${hosted.cost_per_answer():.7f} an answer): {pct(total['savings_self_hosted'])} saved, "
+            f"{pct(total['ideal_savings_self_hosted'])} ideally.",
+        ]
         h = self.holdout
         if h:
             lines += [

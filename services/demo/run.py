@@ -351,6 +351,7 @@ class Demo:
             tier=self.agent.tier, started_at=self.started, finished_at=utcnow(), phases=self.phases,
             timeline=timeline(events, self.plan.agent_id, self.started - timedelta(seconds=1)),
             holdout=self.holdout, notes=self.notes,
+            prices=load_agents(self.settings.agents_file).tier(self.agent),
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "report.json").write_text(json.dumps(report.to_json(), indent=2, default=str) + "\n")

@@ -115,12 +115,13 @@ class Costs:
     student_usd: float
 
 
-def costs(tier: Tier, teacher: Usage | None, student: Usage | None) -> Costs:
-    """Cost accounting at the tier's prices. When the teacher did not run, its counterfactual cost is
-    priced on the student's token counts (same prompt; an answer of the same length)."""
+def costs(tier: Tier, teacher: Usage | None, student: Usage | None, teacher_estimate: Usage | None = None) -> Costs:
+    """Cost accounting at the tier's prices: each model billed on its own token counts. When the teacher did not
+    run, its counterfactual cost is priced on ``teacher_estimate`` (the request and the full answer), else on the
+    student's counts."""
     teacher_usd = _price(tier.teacher, teacher)
     student_usd = _price(tier.student, student)
-    baseline = teacher if teacher is not None else student
+    baseline = teacher if teacher is not None else (teacher_estimate or student)
     return Costs(
         cost_usd=teacher_usd + student_usd,
         teacher_only_cost_usd=_price(tier.teacher, baseline),

@@ -55,9 +55,19 @@ GROUP = "flywheel-router"
 @dataclass
 class Outcome:
     response: InferenceResponse
-    interaction: Interaction
+    interaction: Interaction | None
     # Plan-and-execute: the steps' interactions (or the direct fallback's), beside the plan's in `interaction`.
     steps: list[Interaction] = field(default_factory=list)
+    # A shadow sample: the response is ready, the interaction waits for the teacher's answer (off the response
+    # path); ``settled`` gives it.
+    pending: Awaitable[Interaction] | None = None
+
+    async def settled(self) -> Interaction:
+        if self.interaction is None:
+            assert self.pending is not None
+            self.interaction = await self.pending
+            self.pending = None
+        return self.interaction
 
 
 class Router:
@@ -125,8 +135,11 @@ class Router:
             log.warning("%s", exc)
             return Answer(model=f"student:{request.agent_id}", latency_ms=0.0, error=str(exc))
         prices = self.state.tier(request.agent_id).student
-        tokens_in = approx_tokens(" ".join(m.content for m in request.messages))
-        tokens_out = approx_tokens(got.text)
+        # Billed on what the student read and generated (Triton reports both); an estimate only from a version
+        # that does not report them.
+        tokens_in = got.input_tokens if got.input_tokens is not None else approx_tokens(
+            " ".join(m.content or "" for m in request.messages))
+        tokens_out = got.output_tokens if got.output_tokens is not None else approx_tokens(got.text)
         return Answer(
             content=got.text,
             model=got.model,
@@ -143,12 +156,16 @@ class Router:
         """Route one request and build its response and interaction(s) (no Kafka I/O: testable alone)."""
         if self.agents.agent(request.agent_id).execution.mode == "plan_and_execute":
             return await self._serve_plan(request, received_at)
-        return await self._serve_direct(request, received_at)
+        return await self._serve_direct(request, received_at, background_shadow=True)
 
     async def _serve_direct(
-        self, request: InferenceRequest, received_at: datetime, first: routing.Plan | None = None
+        self, request: InferenceRequest, received_at: datetime, first: routing.Plan | None = None,
+        background_shadow: bool = False,
     ) -> Outcome:
-        """One answer for the request by the routing rules (``first`` forces the first routing decision)."""
+        """One answer for the request by the routing rules (``first`` forces the first routing decision).
+
+        With ``background_shadow``, a shadow sample's teacher call runs after the response is ready: the client
+        never waits for it, and the interaction (``Outcome.pending``) is complete when the teacher answered."""
         view = self.state.view(request.agent_id)
         rt = self.state.runtime_of(request.agent_id)
         first = first or routing.plan(view, self.rng.random())
@@ -157,11 +174,14 @@ class Router:
         shadow = training = False
         if routing.counts_for_canary(first):
             self.state.count_eligible(request.agent_id)
+        shadow_call: asyncio.Future[Answer] | None = None
         if first.ask_student:
             student = await self._ask_student(request, rt.lifecycle.model_version)
             after = routing.after_student(view, student.confidence, student.error is not None, self.rng.random())
             served_by, reason, shadow, training = after.served_by, after.reason, after.shadow, after.training_candidate
-            if after.call_teacher:
+            if after.call_teacher and served_by == "student" and background_shadow:
+                shadow_call = asyncio.ensure_future(self._ask_teacher(request))
+            elif after.call_teacher:
                 teacher = await self._ask_teacher(request)
         else:
             # Every answer the teacher serves (grace period, pinned teacher, canary hold-out) is training data.
@@ -169,14 +189,21 @@ class Router:
             teacher = await self._ask_teacher(request)
         served = student if served_by == "student" else teacher
         assert served is not None
-        costs = routing.costs(
-            self.state.tier(request.agent_id),
-            routing.Usage(teacher.input_tokens, teacher.output_tokens) if teacher and not teacher.error else None,
-            routing.Usage(student.input_tokens, student.output_tokens) if student and not student.error else None,
-        )
         responded_at = utcnow()
         latency_ms = (responded_at - received_at).total_seconds() * 1000
         error = served.error
+        # What the teacher alone would have cost when it did not run: the request and the full answer, at about
+        # four characters a token (the student's own counts are of its compact prompt and answer).
+        estimate = routing.Usage(approx_tokens(" ".join(m.content or "" for m in request.messages)),
+                                 approx_tokens(served.content))
+        tier = self.state.tier(request.agent_id)
+        student_usage = (routing.Usage(student.input_tokens, student.output_tokens)
+                         if student and not student.error else None)
+
+        def usage(answer: Answer | None) -> routing.Usage | None:
+            return routing.Usage(answer.input_tokens, answer.output_tokens) if answer and not answer.error else None
+
+        response_costs = routing.costs(tier, usage(teacher), student_usage, estimate)
         response = InferenceResponse(
             request_id=request.request_id,
             conversation_id=request.conversation_id,
@@ -187,32 +214,42 @@ class Router:
             model_version=served.model_version,
             confidence=served.confidence,
             latency_ms=latency_ms,
-            cost_usd=costs.cost_usd,
+            cost_usd=response_costs.cost_usd,
             error=error,
         )
-        interaction = Interaction(
-            request_id=request.request_id,
-            conversation_id=request.conversation_id,
-            agent_id=request.agent_id,
-            messages=request.messages,
-            tools=request.tools,
-            intent=request.intent,
-            metadata=request.metadata,
-            teacher=teacher,
-            student=student,
-            served_by="none" if error else served_by,
-            route_reason=reason,
-            shadow=shadow,
-            training_candidate=training and teacher is not None and teacher.error is None,
-            lifecycle_stage=rt.lifecycle.stage,
-            cost_usd=costs.cost_usd,
-            teacher_only_cost_usd=costs.teacher_only_cost_usd,
-            received_at=received_at,
-            responded_at=responded_at,
-        )
+        stage = rt.lifecycle.stage
+
+        def interaction_with(teacher: Answer | None) -> Interaction:
+            costs = routing.costs(tier, usage(teacher), student_usage, estimate)
+            return Interaction(
+                request_id=request.request_id,
+                conversation_id=request.conversation_id,
+                agent_id=request.agent_id,
+                messages=request.messages,
+                tools=request.tools,
+                intent=request.intent,
+                metadata=request.metadata,
+                teacher=teacher,
+                student=student,
+                served_by="none" if error else served_by,
+                route_reason=reason,
+                shadow=shadow,
+                training_candidate=training and teacher is not None and teacher.error is None,
+                lifecycle_stage=stage,
+                cost_usd=costs.cost_usd,
+                teacher_only_cost_usd=costs.teacher_only_cost_usd,
+                received_at=received_at,
+                responded_at=responded_at,
+            )
+
+        async def after_shadow(call: asyncio.Future[Answer]) -> Interaction:
+            return interaction_with(await call)
+
         self.stats[f"served_by_{response.served_by}"] += 1
         self.stats[f"reason_{reason}"] += 1
-        return Outcome(response, interaction)
+        if shadow_call is not None:
+            return Outcome(response, None, pending=after_shadow(shadow_call))
+        return Outcome(response, interaction_with(teacher))
 
     # Plan-and-execute (plan.py) -----------------------------------------------------------------------
     async def _serve_plan(self, request: InferenceRequest, received_at: datetime) -> Outcome:
@@ -375,10 +412,11 @@ class Router:
             return
         if outcome.response.error:
             await self._dead_letter(msg, "processing", outcome.response.error)
-        sent = [
-            await self.publisher.send_nowait(reply_topic, outcome.response, request.conversation_id),
-            await self.publisher.send_nowait(topics.INTERACTIONS, outcome.interaction, request.request_id),
-        ]
+        sent = [await self.publisher.send_nowait(reply_topic, outcome.response, request.conversation_id)]
+        # A shadow sample's teacher answers after the response went out; the offset is marked done only when its
+        # interaction is sent too (this coroutine returns).
+        interaction = await outcome.settled()
+        sent.append(await self.publisher.send_nowait(topics.INTERACTIONS, interaction, request.request_id))
         for step in outcome.steps:  # plan-and-execute: every step is an interaction of its own
             sent.append(await self.publisher.send_nowait(topics.INTERACTIONS, step, step.request_id))
         for fut in sent:

@@ -103,3 +103,24 @@ def test_a_triggers_brief_keeps_its_summary_and_leaves_out_the_sql() -> None:
     evidence = json.dumps({"rule": "intent_shift", "summary": summary, "alpha": 0.01, "query": "SELECT 1"})
     assert _brief(evidence) == {"summary": summary, "rule": "intent_shift", "alpha": 0.01}
     assert _brief("not json") == {"evidence": "not json"}
+
+
+def test_the_student_is_priced_at_list_and_self_hosted_prices_with_the_ideal_beside() -> None:
+    from services.core.agents import Prices, SelfHosted, Tier
+
+    tier = Tier(teacher=Prices(input_per_1m=1.0, output_per_1m=2.0),
+                student=Prices(input_per_1m=0.5, output_per_1m=1.0),
+                student_self_hosted=SelfHosted(usd_per_hour=3.6, answers_per_s=1000))  # $0.000001 an answer
+    # 10 requests: 8 served by the student, 2 fell back to the teacher (both models billed for those).
+    student_list = tier.student.cost(10 * 40, 10 * 10)  # 10 student answers of 40 tokens in, 10 out
+    teacher = tier.teacher.cost(2 * 30, 2 * 40)
+    p = _phase("live", requests=10, student=8, teacher=2, student_answers=10, student_input_tokens=400,
+               student_output_tokens=100, cost_usd=student_list + teacher,
+               teacher_only_cost_usd=tier.teacher.cost(300, 400))
+    got = p.prices(tier)
+    assert got["cost_usd"] == pytest.approx(student_list + teacher)
+    assert got["cost_self_hosted_usd"] == pytest.approx(teacher + 10 * 1e-6)
+    assert got["savings_self_hosted"] > got["savings"]
+    assert got["ideal_savings"] == pytest.approx(1 - 10 * (student_list / 10) / tier.teacher.cost(300, 400))
+    assert _phase("grace", requests=5, teacher=5, cost_usd=1.0, teacher_only_cost_usd=1.0).prices(tier)[
+        "ideal_savings"] == 0.0
