@@ -92,7 +92,8 @@ class StudentModelSpec:
     label_tails: Mapping[str, str] = field(default_factory=dict)
     default_tail: str = ""
     max_prompt_tokens: int | None = None  # training's prompt limit: longer prompts are cut as in training
-    dtype: str = "float32"  # CPU: float32 is the fast path without AMX
+    dtype: str = "float32"  # the weights as loaded; ``weight_format`` converts the linear layers after
+    weight_format: str = "fp32"  # fp32 / bf16 / int8 (services/student_runtime/weights.py), chosen by the trainer
     num_threads: int | None = None  # torch threads in the Triton stub; default: every core
     warmup: bool = True  # answer once while loading, so a version that cannot answer fails its load
     # Triton scheduling (config.pbtxt, shared by every version of the model).

@@ -121,11 +121,12 @@ class FastDecoder:
         return logits
 
     def _free(self, hidden: Any) -> list[tuple[int, float]]:
-        """Greedy token and its probability over the whole vocabulary, for each row of ``hidden``."""
+        """Greedy token and its probability over the whole vocabulary, for each row of ``hidden`` (the max and
+        the log-sum-exp only: the plain decode's log-softmax over 49k words, without writing it out)."""
         torch = self.torch
-        logprobs = torch.log_softmax(self._scores(hidden), dim=-1)
-        best = logprobs.argmax(dim=-1)
-        chosen = logprobs.gather(1, best.unsqueeze(1)).squeeze(1)
+        scores = self._scores(hidden)
+        best = scores.argmax(dim=-1)
+        chosen = scores.gather(1, best.unsqueeze(1)).squeeze(1) - torch.logsumexp(scores, dim=-1)
         return [(int(t), float(torch.exp(p))) for t, p in zip(best, chosen, strict=True)]
 
     def _constrained(self, hidden: Any, allowed: list[int]) -> tuple[int, float]:

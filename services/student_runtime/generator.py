@@ -25,6 +25,7 @@ from services.student_runtime.decode import FastDecoder, NoLabels, Row
 from services.student_runtime.labels import LabelTrie
 from services.student_runtime.prompt import PromptError, fit_prompt, parse_prompt, render_prompt, shared_prefix_ids
 from services.student_runtime.reference import reference_decode
+from services.student_runtime.weights import apply_weight_format
 
 SPEC_FILE = "spec.json"
 
@@ -51,6 +52,21 @@ class Prepared:
     text: str
     ids: list[int]
     shares_prefix: bool
+
+
+def length_groups(rows: list[Row], min_size: int = 4, ratio: float = 1.3) -> list[list[Row]]:
+    """Rows sorted by prompt length and cut where a chunk of at least ``min_size`` would pad the next row's
+    prompt by more than ``ratio``: every row of a pass is padded to its longest, and padding is computed too."""
+    ordered = sorted(rows, key=lambda r: len(r.feed))
+    chunks: list[list[Row]] = []
+    for row in ordered:
+        if chunks and (len(chunks[-1]) < min_size or len(row.feed) <= ratio * len(chunks[-1][0].feed)):
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    if len(chunks) > 1 and len(chunks[-1]) < min_size:  # a short last chunk joins the one before
+        chunks[-2].extend(chunks.pop())
+    return chunks
 
 
 class StudentGenerator:
@@ -95,7 +111,9 @@ class StudentGenerator:
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             self.adapter_dir = adapter_dir
         model.eval()
-        self.model = model
+        # A format that cannot be applied fails the load (Triton then keeps the previous version serving).
+        self.weight_format = str(spec.get("weight_format") or "fp32")
+        self.model = apply_weight_format(model, self.weight_format)
         self.torch = torch
         self.max_new_tokens = int(spec.get("max_new_tokens") or 64)
         self.max_prompt_tokens = int(spec.get("max_prompt_tokens") or 0) or None
@@ -126,14 +144,14 @@ class StudentGenerator:
         self.fast = FastDecoder(self)
         self.fast.cache_prefix(self.prefix_ids)
         if self.labels:
+            # The drafts stop before EOS: the last draft position's own decision says whether the answer ends.
             tails = {str(k): str(v) for k, v in (spec.get("label_tails") or {}).items()}
             encoded = {
-                tuple(self.labels.sequences[label]): [*self.tokenizer.encode(tail, add_special_tokens=False), end_id]
+                tuple(self.labels.sequences[label]): list(self.tokenizer.encode(tail, add_special_tokens=False))
                 for label, tail in tails.items() if label in self.labels.sequences
             }
-            default = spec.get("default_tail")
-            self.fast.set_tails(
-                encoded, [*self.tokenizer.encode(default, add_special_tokens=False), end_id] if default else [])
+            default = str(spec.get("default_tail") or "")
+            self.fast.set_tails(encoded, list(self.tokenizer.encode(default, add_special_tokens=False)))
 
     # Prompts ------------------------------------------------------------------------------------------------
     def prompt_text(self, raw: str) -> tuple[str, bool]:
@@ -196,8 +214,8 @@ class StudentGenerator:
             skip = len(self.prefix_ids) if prep.shares_prefix else 0
             groups[prep.shares_prefix].append(Row(index=index, cursor=cursor, feed=prep.ids[skip:], pos=skip))
         for shares, rows in groups.items():
-            if rows:
-                self.fast.decode(rows, limit, use_prefix=shares)
+            for chunk in length_groups(rows):
+                self.fast.decode(chunk, limit, use_prefix=shares)
         return {
             r.index: (r.tokens, r.probs, r.cursor.start, r.cursor.end, r.passes)
             for rows in groups.values() for r in rows

@@ -113,6 +113,7 @@ class Judged:
 class HoldoutReport:
     judged: list[Judged] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)  # per answer (batch time / batch size)
+    format_agreements: dict[str, float] = field(default_factory=dict)  # agreement of each weight format tried
 
     @property
     def size(self) -> int:

@@ -64,3 +64,23 @@ def decide(inputs: GateInputs, validation: Validation, mode: str | None = None) 
         if inputs.coverage < validation.min_coverage:
             reasons.append(_below("coverage", inputs.coverage, validation.min_coverage, "min_coverage"))
     return GateVerdict(passed=not reasons, mode=mode, reasons=reasons)
+
+
+@dataclass(frozen=True)
+class FormatTrial:
+    """One weight format's holdout figures (the same holdout, the same decoder)."""
+
+    weight_format: str
+    agreement: float
+    format_compliance: float
+
+
+def keeps_the_answers(trial: FormatTrial, fp32: FormatTrial, tolerance: float) -> bool:
+    """A lighter format is served only if it agrees with the teacher within ``tolerance`` of fp32 and loses
+    no format compliance."""
+    return trial.agreement >= fp32.agreement - tolerance and trial.format_compliance >= fp32.format_compliance
+
+
+def choose_format(fp32: FormatTrial, trials: list[FormatTrial], tolerance: float) -> FormatTrial:
+    """The first trial (in the configured order) that keeps the answers, else fp32."""
+    return next((t for t in trials if keeps_the_answers(t, fp32, tolerance)), fp32)

@@ -24,7 +24,7 @@ from services.trainer import data as D
 from services.trainer.base_model import ResolvedBase, load_model_and_tokenizer, prepare_base
 from services.trainer.calibrate import Calibration, calibrate_threshold
 from services.trainer.evaluate import HoldoutReport, answer_intent, evaluate_holdout, percentile
-from services.trainer.gate import GateInputs, decide
+from services.trainer.gate import FormatTrial, GateInputs, choose_format, decide
 from services.trainer.train import TrainResult, merge_adapter, train_lora
 
 log = logging.getLogger("flywheel.trainer")
@@ -77,6 +77,8 @@ class JobResult:
         }
         if self.report.task_accuracy is not None:
             out["task_accuracy"] = self.report.task_accuracy
+        for fmt, agreement in self.report.format_agreements.items():  # what each weight format tried agreed on
+            out[f"agreement_{fmt}"] = agreement
         return {k: float(v) for k, v in out.items() if v == v}  # drop NaN
 
     def report_json(self) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class JobResult:
             "config_hash": self.config_hash,
             "metrics": self.metrics(),
             "confidence_threshold": self.calibration.threshold,
+            "weight_format": self.decode_hints.get("weight_format", "fp32"),
             "gate": self.verdict.model_dump(),
             "labels": self.labels,
             "answers": [
@@ -130,6 +133,30 @@ def student_spec(
         "max_new_tokens": max_new_tokens,
         "dtype": "float32",
     }
+
+
+def evaluate_formats(
+    agent: AgentConfig, spec: dict[str, Any], holdout: Sequence[D.Example], prompts: list[str], options: JobOptions
+) -> tuple[HoldoutReport, dict[str, Any]]:
+    """Evaluate the candidate in fp32, then in each lighter weight format the agent allows, and keep the first
+    that keeps the answers (``gate.choose_format``): (the served format's holdout report, the spec serving it).
+    The gate then judges exactly what is served."""
+    cfg = agent.distillation
+    reports: dict[str, HoldoutReport] = {}
+    for fmt in ["fp32", *cfg.weight_formats]:
+        t0 = time.monotonic()
+        generator = StudentGenerator({**spec, "weight_format": fmt})
+        reports[fmt] = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
+        del generator
+        log.info("holdout (%s): %d answers in %.1fs, agreement %.4f, format %.4f", fmt, reports[fmt].size,
+                 time.monotonic() - t0, reports[fmt].agreement, reports[fmt].format_compliance)
+    trials = {fmt: FormatTrial(fmt, r.agreement, r.format_compliance) for fmt, r in reports.items()}
+    chosen = choose_format(trials["fp32"], [trials[f] for f in cfg.weight_formats], cfg.weight_format_tolerance)
+    log.info("weight format %s is served (%s)", chosen.weight_format, ", ".join(
+        f"{t.weight_format} {t.agreement:.4f}" for t in trials.values()))
+    report = reports[chosen.weight_format]
+    report.format_agreements = {fmt: r.agreement for fmt, r in reports.items()}
+    return report, {**spec, "weight_format": chosen.weight_format}
 
 
 def eos_for_training(model: Any, tokenizer: Any) -> int:
@@ -175,7 +202,7 @@ def run_job(
     limit = D.prompt_limit(cfg.max_seq_len, [len(D.answer_token_ids(tokenizer, t, eos_id)) for t in targets])
     shared = shared_prefix_ids(tokenizer, system_prompt)
     tails, default_tail = D.label_tails(targets)
-    hints = {"label_tails": tails, "default_tail": default_tail, "max_prompt_tokens": limit}
+    hints: dict[str, Any] = {"label_tails": tails, "default_tail": default_tail, "max_prompt_tokens": limit}
     encoded = []
     skipped = 0
     for ex, target in zip(train_examples, targets, strict=True):
@@ -209,11 +236,8 @@ def run_job(
         None if merged else str(train.adapter_dir),
         labels, system_prompt, max_new_tokens, template, hints,
     )
-    generator = StudentGenerator(spec)
-    t0 = time.monotonic()
-    report = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
-    log.info("holdout: %d answers in %.1fs, agreement %.4f, format %.4f", report.size, time.monotonic() - t0,
-             report.agreement, report.format_compliance)
+    report, spec = evaluate_formats(agent, spec, holdout, prompts, options)
+    hints["weight_format"] = spec["weight_format"]
     calibration = calibrate_threshold(
         report.scored, agent.validation.quality_threshold, min(options.min_calibration_support, report.size or 1)
     )

@@ -283,6 +283,56 @@ def test_a_broken_version_leaves_the_previous_one_serving(
     assert repo.next_version(model) == serving + 2
 
 
+def test_a_version_whose_weight_format_cannot_load_is_not_served(
+    repo: ModelRepository, grpc, tiny_model: Path
+) -> None:
+    model = student_model_name("support-desk")
+    serving = repo.served_versions(model)[-1]
+    expected = grpc_infer(grpc, model, [MESSAGES])[:2]
+    with pytest.raises(PublishError, match="unknown weight format 'int4'"):
+        repo.publish_student("support-desk", StudentModelSpec(base_model=str(tiny_model), weight_format="int4"))
+    assert repo.served_versions(model) == [serving]
+    assert grpc_infer(grpc, model, [MESSAGES])[:2] == expected
+
+
+def test_token_counts_and_bad_requests_in_a_batch(repo: ModelRepository, triton: TritonServer, tiny_model: Path
+                                                  ) -> None:  # fmt: skip
+    url = triton.endpoints()["triton_grpc"]
+    published = repo.publish_student("counter", StudentModelSpec(base_model=str(tiny_model), max_new_tokens=6,
+                                                                 weight_format="bf16"))
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("TEXT", "INPUT_TOKENS", "OUTPUT_TOKENS",
+                                                             "FORWARD_PASSES")]
+    bad_role = json.dumps([{"role": "robot", "content": "hi"}])
+    results: dict[str, object] = {}
+
+    def ask(name: str, prompt: bytes) -> None:
+        tensor = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
+        tensor.set_data_from_numpy(np.array([[prompt]], dtype=np.object_))
+        try:
+            client = grpcclient.InferenceServerClient(url)
+            results[name] = client.infer(published.model, [tensor], outputs=outputs, client_timeout=60)
+        except Exception as exc:  # the error is the result
+            results[name] = exc
+
+    cases = {"good": MESSAGES.encode(), "empty": b"", "role": bad_role.encode(), "binary": b"\xff\xfe",
+             "good2": MESSAGES.encode()}
+    # Sent together, so Triton's dynamic batcher puts them in one batch: the bad ones fail, the good answered.
+    threads = [threading.Thread(target=ask, args=item) for item in cases.items()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    for name in ("good", "good2"):
+        result = results[name]
+        assert not isinstance(result, Exception), result
+        assert int(result.as_numpy("INPUT_TOKENS")[0][0]) > 5  # type: ignore[union-attr]
+        assert 1 <= int(result.as_numpy("OUTPUT_TOKENS")[0][0]) <= 6  # type: ignore[union-attr]
+        assert int(result.as_numpy("FORWARD_PASSES")[0][0]) >= 1  # type: ignore[union-attr]
+    assert "PROMPT is empty" in str(results["empty"])
+    assert "unknown chat role 'robot'" in str(results["role"])
+    assert "not UTF-8" in str(results["binary"])
+
+
 def test_a_version_that_loads_but_cannot_answer_is_rolled_back(repo: ModelRepository, grpc, tmp_path: Path) -> None:
     # A model that loads fine but fails every request: only the probe can catch it, after Triton already
     # swapped to it; the publish must swap back.

@@ -100,3 +100,19 @@ def test_serving_reads_a_long_prompt_as_training_did(student: StudentGenerator) 
     assert trained is not None
     prompt_ids = [t for t, label in zip(trained.input_ids, trained.labels, strict=True) if label == D.IGNORE]
     assert student.prepare(json.dumps(messages)).ids == prompt_ids
+
+
+def test_weight_formats_answer_and_an_unknown_one_fails_the_load(student: StudentGenerator) -> None:
+    from services.student_runtime.weights import WeightFormatError
+
+    prompts = [chat(text) for text, _, _ in TINY_TRAINING]
+    fp32 = student.answer(prompts)
+    for fmt in ("bf16", "int8"):
+        light = StudentGenerator({**student.spec, "weight_format": fmt})
+        answers = light.answer(prompts)
+        # The same decoder on lighter weights: valid answers, mostly the fp32 ones (the trainer measures how many).
+        assert all(json.loads(a.text)["intent"] in TINY_LABELS for a in answers)
+        assert sum(a.text == b.text for a, b in zip(answers, fp32, strict=True)) >= len(prompts) // 2
+        assert_same(answers, light.answer(prompts, reference=True))
+    with pytest.raises(WeightFormatError, match="unknown weight format 'int4'"):
+        StudentGenerator({**student.spec, "weight_format": "int4"})

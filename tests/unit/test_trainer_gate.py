@@ -108,3 +108,16 @@ def test_coverage_at() -> None:
     assert coverage_at(scored, 0.5) == (0.5, 0.5)
     assert coverage_at(scored, 0.95) == (0.0, 0.0)
     assert coverage_at([], 0.5) == (0.0, 0.0)
+
+
+def test_a_lighter_weight_format_is_served_only_when_it_keeps_the_answers() -> None:
+    from services.trainer.gate import FormatTrial, choose_format
+
+    fp32 = FormatTrial("fp32", 0.80, 1.0)
+    int8 = FormatTrial("int8", 0.77, 1.0)  # 3 points lost
+    bf16 = FormatTrial("bf16", 0.796, 1.0)  # within 0.5 points
+    assert choose_format(fp32, [int8, bf16], 0.005) is bf16
+    assert choose_format(fp32, [bf16, int8], 0.005) is bf16
+    assert choose_format(fp32, [int8], 0.005) is fp32
+    assert choose_format(fp32, [FormatTrial("bf16", 0.81, 0.99)], 0.005) is fp32  # format compliance lost
+    assert choose_format(fp32, [], 0.005) is fp32
