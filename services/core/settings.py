@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     reference_teacher_latency_ms: float = Field(400.0, ge=0, description="Median answer latency")
     reference_teacher_flaw_rate: float = Field(0.03, ge=0, le=1, description="Share of flawed answers")
 
+    # CPU threads of the Triton student and the trainer: "auto" uses the cores the rest of the machine leaves
+    # free (re-checked every second; services/core/threads.py), a number fixes the count.
+    student_threads: str = Field("auto", description="'auto' or a number of threads")
+    trainer_threads: str = Field("auto", description="'auto' or a number of threads")
+
     # Services.
     curator_check_interval_s: float = Field(10.0, gt=0, description="How often the curator checks grace progress")
     dashboard_port: int = Field(8765, ge=1, le=65535, description="Port of flywheel dashboard (--port overrides)")
@@ -138,6 +143,20 @@ class Settings(BaseSettings):
             if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"must be host:port (comma-separated for several), got {value!r}")
         return value
+
+    @field_validator("student_threads", "trainer_threads")
+    @classmethod
+    def _threads(cls, value: str, info: Any) -> str:
+        from services.core.threads import parse_threads
+
+        parse_threads(value, info.field_name)  # refused at start, with the setting's name
+        return value.strip().lower() if value.strip().lower() == "auto" else str(int(value))
+
+    def thread_count(self, key: str) -> int | None:
+        """A thread setting as a count, or None for 'auto' (adaptive)."""
+        from services.core.threads import parse_threads
+
+        return parse_threads(getattr(self, key), key)
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> Settings:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.core.threads import AdaptiveThreads, parse_threads
 from services.student_runtime.answer import expand_answer
 from services.student_runtime.decode import FastDecoder, NoLabels, Row
 from services.student_runtime.labels import LabelTrie
@@ -28,6 +28,15 @@ from services.student_runtime.reference import reference_decode
 from services.student_runtime.weights import apply_weight_format
 
 SPEC_FILE = "spec.json"
+
+
+def student_threads(spec: dict[str, Any]) -> int | None:
+    """The spec's ``num_threads``, else the ``student_threads`` setting (FLYWHEEL_STUDENT_THREADS); None: auto."""
+    if spec.get("num_threads"):
+        return parse_threads(spec["num_threads"], "num_threads")
+    from services.core.settings import Settings
+
+    return Settings().thread_count("student_threads")
 
 
 def load_spec(version_dir: Path) -> dict[str, Any]:
@@ -77,8 +86,7 @@ class StudentGenerator:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.spec = spec
-        threads = int(spec.get("num_threads") or os.cpu_count() or 1)
-        torch.set_num_threads(max(1, threads))
+        self.threads = AdaptiveThreads(fixed=student_threads(spec))
         base = str(spec["base_model"])
         # A local directory must never fall through to a hub download (the local stack is offline), and a
         # missing one must say so rather than fail as a malformed hub id.
@@ -176,6 +184,7 @@ class StudentGenerator:
     def answer(self, raws: list[str], max_new_tokens: int | None = None, reference: bool = False) -> list[Answer]:
         """One ``Answer`` per PROMPT; a bad one gets an ``Answer`` with its error and the others are answered."""
         limit = int(max_new_tokens or self.max_new_tokens)
+        self.threads.update()  # the cores the rest of the machine leaves free now
         out: list[Answer | None] = [None] * len(raws)
         prepared: dict[int, Prepared] = {}
         for index, raw in enumerate(raws):

@@ -37,6 +37,7 @@ class JobOptions:
     max_holdout: int | None = None  # cap on holdout answers generated (time budget)
     max_steps: int | None = None  # cap on optimizer steps (tests)
     min_calibration_support: int = 5  # answers a calibrated threshold must keep at least
+    threads: int | None = None  # training threads; None: adaptive (the trainer_threads setting)
 
 
 @dataclass
@@ -222,7 +223,7 @@ def run_job(
     max_new_tokens = min(256, answer_lengths[-1] + 16)
 
     train = train_lora(model, encoded, cfg, pad_id, run_dir / "adapter", progress=progress,
-                       max_steps=options.max_steps)
+                       max_steps=options.max_steps, threads_setting=options.threads)
     del model
     labels = labels_of(train_examples)
     publish_dir, merged = train.adapter_dir, False

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -58,6 +59,9 @@ def train_snapshot(
         tmp.write_text(json.dumps(payload))
         tmp.replace(progress_file)
 
+    options = options or JobOptions()
+    if options.threads is None:
+        options = replace(options, threads=settings.thread_count("trainer_threads"))
     result = run_job(agent, snapshot, settings.path("artifacts"), options, progress=progress)
     return finish(result, repo or ModelRepository.from_settings(settings), emit)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from services.core.agents import Distillation
+from services.core.threads import AdaptiveThreads
 from services.trainer.data import Encoded, batches, collate
 
 log = logging.getLogger("flywheel.trainer")
@@ -92,6 +92,7 @@ def train_lora(
     progress: Callable[[dict[str, float]], None] | None = None,
     log_every_s: float = 10.0,
     max_steps: int | None = None,
+    threads_setting: int | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (a plain causal LM; LoRA is added here) on ``encoded`` and save the adapter to
     ``out_dir``. Returns timings and losses; the PEFT model is left in eval mode on ``result``'s caller side
@@ -99,7 +100,7 @@ def train_lora(
     import torch
 
     seed_everything(cfg.seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    threads = AdaptiveThreads(fixed=threads_setting)
     peft_model = add_lora(model, cfg)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
@@ -124,6 +125,7 @@ def train_lora(
         for batch in batches(encoded, cfg.batch_size, seed=cfg.seed + epoch):
             if step >= steps:
                 break
+            threads.update()  # the cores the rest of the machine leaves free now
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, warmup, cfg.learning_rate)
             tensors = collate(batch, pad_id)
