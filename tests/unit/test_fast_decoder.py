@@ -62,6 +62,18 @@ def test_fast_answers_are_the_plain_greedy_answers(student: StudentGenerator) ->
     assert simple and max(a.forward_passes for a in simple) <= 4
     plain_passes = sum(len(b.token_ids) for b in plain)  # one pass per token in the plain decode
     assert sum(a.forward_passes for a in alone) * 3 < plain_passes
+    screened, redone = student.fast.screen_stats
+    assert screened > redone > 0  # the bfloat16 screen decided most rows, the uncertain ones went to fp32
+
+
+def test_the_fp32_output_layer_alone_gives_the_same_answers(student: StudentGenerator) -> None:
+    prompts = [chat(text) for text in UNSEEN]
+    screened = student.answer(prompts)
+    head, student.fast.head_bf16 = student.fast.head_bf16, None
+    try:
+        assert_same(screened, student.answer(prompts))
+    finally:
+        student.fast.head_bf16 = head
 
 
 def test_prompts_without_the_shared_prefix_and_long_prompts_match(student: StudentGenerator) -> None:
