@@ -9,13 +9,16 @@ keeps it in ``--save-version`` for later runs.
 
 Then, in this order on a quiet machine:
 
-1. in process, on the holdout, one answer at a time: the **plain** greedy constrained decode (one forward pass
-   per token: the "before") and the fast decoder of ``services.student_runtime`` (the "after"): latency,
-   forward passes, ``holdout_agreement_fp32`` (the plain decode's agreement with the teacher);
+1. in process, on the holdout, one answer at a time: the **plain** greedy constrained decode in fp32 (one
+   forward pass per token, what was served before: the "before" latency and ``holdout_agreement_fp32``), the
+   plain decode in the version's weight format (the reference) and the fast decoder of
+   ``services.student_runtime`` in it (the "after"): latency and forward passes;
 2. it starts its own ``tritonserver`` (free ports, temporary home), publishes the version with
    ``ModelRepository.publish_student`` and sends the holdout through ``StudentClient`` (async gRPC, what the
    router uses) one request at a time: ``student_p95_ms``, ``forward_passes_per_answer``,
-   ``holdout_agreement_served`` and ``agreement_with_reference`` (served answer == plain decode's answer);
+   ``holdout_agreement_served``, ``agreement_with_reference`` (served answer == the plain decode's on the same
+   weights: what the decoder changed) and ``agreement_with_fp32_plain`` (== the plain fp32 decode's: what the
+   decoder and the weight format changed together);
 3. ``--per-level`` requests at each concurrency of ``--concurrency`` (1, 4, 8, 16): answers/s and p95;
    ``student_answers_per_s`` is the figure at 16;
 4. the reference teacher's p95 over HTTP at its default latency model, for the ratio.
@@ -122,12 +125,18 @@ def model_spec(spec: dict) -> StudentModelSpec:
 
 
 # In process --------------------------------------------------------------------------------------------------
-def in_process(spec: dict, prompts: list[str], targets: list[str], figures: dict) -> list[str]:
-    """Plain and fast decode, one answer at a time; returns the plain decode's answers (the reference)."""
-    generator = StudentGenerator(spec)
-    generator.answer(prompts[:2])  # warm-up
-    runs = {}
-    for name, reference in (("plain", True), ("fast", False)):
+def in_process(spec: dict, prompts: list[str], targets: list[str], figures: dict) -> tuple[list[str], list[str]]:
+    """One answer at a time: the plain decode in fp32 (what was served before: the "before" latency and
+    ``holdout_agreement_fp32``), the plain decode in the version's weight format (the reference the fast decoder
+    must reproduce) and the fast decoder (the "after"). Returns the plain answers (served format, fp32)."""
+    fmt = str(spec.get("weight_format") or "fp32")
+    runs: dict[str, list] = {}
+    for name, weights, reference in (("plain_fp32", "fp32", True), ("plain", fmt, True), ("fast", fmt, False)):
+        if name == "plain" and fmt == "fp32":
+            runs[name] = runs["plain_fp32"]
+            continue
+        generator = StudentGenerator({**spec, "weight_format": weights})
+        generator.answer(prompts[:2])  # warm-up
         latencies, passes, answers = [], [], []
         for prompt in prompts:
             started = time.perf_counter()
@@ -139,19 +148,21 @@ def in_process(spec: dict, prompts: list[str], targets: list[str], figures: dict
         figures[f"in_process_{name}_p50_ms"] = pct(latencies, 50)
         figures[f"in_process_{name}_p95_ms"] = pct(latencies, 95)
         figures[f"in_process_{name}_passes_per_answer"] = statistics.fmean(passes)
-        print(f"in process, {name} decode, batch 1: p50 {pct(latencies, 50):.0f} ms, p95 {pct(latencies, 95):.0f} "
-              f"ms, {statistics.fmean(passes):.2f} forward passes per answer", flush=True)
+        print(f"in process, {name} decode ({weights}), batch 1: p50 {pct(latencies, 50):.0f} ms, p95 "
+              f"{pct(latencies, 95):.0f} ms, {statistics.fmean(passes):.2f} forward passes per answer", flush=True)
+        del generator
+        gc.collect()
     plain, fast = runs["plain"], runs["fast"]
+    figures["weight_format"] = fmt
     figures["in_process_token_identical"] = sum(a.token_ids == b.token_ids for a, b in zip(fast, plain, strict=True)
                                                 ) / len(plain)  # fmt: skip
     figures["in_process_max_confidence_diff"] = max(abs(a.confidence - b.confidence) for a, b in zip(fast, plain,
                                                                                                       strict=True))
-    figures["holdout_agreement_fp32"] = sum(agrees(a.text, t) for a, t in zip(plain, targets, strict=True)
-                                            ) / len(targets)  # fmt: skip
-    texts = [a.text for a in plain]
-    del generator, runs
-    gc.collect()
-    return texts
+    figures["holdout_agreement_fp32"] = sum(agrees(a.text, t) for a, t in zip(runs["plain_fp32"], targets,
+                                                                               strict=True)) / len(targets)
+    # The in-process figures of issue 12's "before" row: the plain fp32 decode (what was served before).
+    figures["in_process_plain_p95_ms"] = figures["in_process_plain_fp32_p95_ms"]
+    return [a.text for a in plain], [a.text for a in runs["plain_fp32"]]
 
 
 # Through Triton ----------------------------------------------------------------------------------------------
@@ -208,6 +219,9 @@ def main() -> None:
     parser.add_argument("--per-level", type=int, default=96, help="requests at each concurrency level")
     parser.add_argument("--teacher-requests", type=int, default=200)
     parser.add_argument("--threads", type=int, help="torch threads in the Triton student (default: the spec's)")
+    parser.add_argument("--instances", type=int, help="Triton instances of the student (default: the spec's)")
+    parser.add_argument("--triton-only", action="store_true",
+                        help="skip the in-process decodes (no before figures, no agreement with the reference)")
     parser.add_argument("--json", type=Path, help="also write the figures here as a flat JSON object")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -231,7 +245,12 @@ def main() -> None:
         "version_dir": str(version), "snapshot": str(snapshot), "holdout": len(holdout),
         "load_before": os.getloadavg()[0],
     }
-    reference = in_process(spec, prompts, targets, figures)
+    if args.triton_only:
+        reference = reference_fp32 = None
+    else:
+        reference, reference_fp32 = in_process(spec, prompts, targets, figures)
+    if args.instances:
+        spec["instance_count"] = args.instances
 
     with tempfile.TemporaryDirectory(prefix="bench-student-latency-") as home:
         settings = isolated_settings(home, reference_teacher_latency_ms=Settings().reference_teacher_latency_ms)
@@ -252,8 +271,11 @@ def main() -> None:
             figures["output_tokens_per_answer"] = statistics.fmean(a.output_tokens or 0 for a in served)
             figures["holdout_agreement_served"] = sum(
                 agrees(a.text, t) for a, t in zip(served, targets, strict=True)) / len(targets)
-            figures["agreement_with_reference"] = sum(
-                a.text == r for a, r in zip(served, reference, strict=True)) / len(reference)
+            if reference is not None and reference_fp32 is not None:
+                figures["agreement_with_reference"] = sum(
+                    a.text == r for a, r in zip(served, reference, strict=True)) / len(reference)
+                figures["agreement_with_fp32_plain"] = sum(
+                    a.text == r for a, r in zip(served, reference_fp32, strict=True)) / len(reference)
             for level in levels:
                 answers, seconds = asyncio.run(through_triton(settings, conversations, level, args.per_level))
                 rate = len(answers) / seconds
@@ -275,12 +297,15 @@ def main() -> None:
     print()
     print("| figure | value | goal | distance |\n|---|---|---|---|")
     for key, (op, goal) in goals.items():
+        if key not in figures:
+            continue
         value = float(figures[key])  # type: ignore[arg-type]
         distance = value - goal
         print(f"| {key} | {value:.3f} | {op} {goal} | {distance:+.3f} |")
-    drop = float(figures["holdout_agreement_fp32"]) - float(figures["holdout_agreement_served"])  # type: ignore
-    print(f"| holdout agreement fp32 → served | {figures['holdout_agreement_fp32']:.3f} → "
-          f"{figures['holdout_agreement_served']:.3f} | drop ≤ 0.005 | {drop:+.3f} |")
+    if "holdout_agreement_fp32" in figures:
+        drop = float(figures["holdout_agreement_fp32"]) - float(figures["holdout_agreement_served"])  # type: ignore
+        print(f"| holdout agreement fp32 → served | {figures['holdout_agreement_fp32']:.3f} → "
+              f"{figures['holdout_agreement_served']:.3f} | drop ≤ 0.005 | {drop:+.3f} |")
     print(f"| teacher p95 / student p95 | {figures['teacher_p95_ms']:.0f} / {figures['student_p95_ms']:.0f} ms | | |")
     print(f"| student answers/s vs the ~50/s ceiling | {figures['student_answers_per_s']:.1f} | | |")
     if args.json:

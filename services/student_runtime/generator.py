@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,12 @@ SPEC_FILE = "spec.json"
 
 
 def student_threads(spec: dict[str, Any]) -> int | None:
-    """The spec's ``num_threads``, else the ``student_threads`` setting (FLYWHEEL_STUDENT_THREADS); None: auto."""
+    """The spec's ``num_threads``, else the ``student_threads`` setting; None: auto. Read from the environment
+    (``FLYWHEEL_STUDENT_THREADS``, validated by ``Settings`` in the processes that start Triton) so the Triton
+    process needs no more than torch and transformers."""
     if spec.get("num_threads"):
         return parse_threads(spec["num_threads"], "num_threads")
-    from services.core.settings import Settings
-
-    return Settings().thread_count("student_threads")
+    return parse_threads(os.environ.get("FLYWHEEL_STUDENT_THREADS"), "FLYWHEEL_STUDENT_THREADS")
 
 
 def load_spec(version_dir: Path) -> dict[str, Any]:
