@@ -29,9 +29,11 @@ def test_settings_refuse_a_bad_thread_count(monkeypatch: pytest.MonkeyPatch) -> 
 def test_a_busy_neighbour_leaves_its_share() -> None:
     assert free_cores(0.0, 2) == 2
     assert free_cores(0.2, 2) == 2  # a little background work does not count
+    assert free_cores(0.5, 2) == 2  # nor Triton's and the client's share of the serving path
+    assert free_cores(0.7, 2) == 1
     assert free_cores(0.9, 2) == 1  # a core kept busy by another process
     assert free_cores(2.0, 2) == 1  # never fewer than one
-    assert free_cores(1.5, 8) == 6
+    assert free_cores(1.5, 8) == 7 and free_cores(1.7, 8) == 6
 
 
 def test_a_fixed_count_is_kept() -> None:
