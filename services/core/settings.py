@@ -149,8 +149,8 @@ class Settings(BaseSettings):
     def _threads(cls, value: str, info: Any) -> str:
         from services.core.threads import parse_threads
 
-        parse_threads(value, info.field_name)  # refused at start, with the setting's name
-        return value.strip().lower() if value.strip().lower() == "auto" else str(int(value))
+        count = parse_threads(value, info.field_name)  # refused at start, with the setting's name
+        return "auto" if count is None else str(count)
 
     def thread_count(self, key: str) -> int | None:
         """A thread setting as a count, or None for 'auto' (adaptive)."""

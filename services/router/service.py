@@ -70,6 +70,11 @@ class Outcome:
         return self.interaction
 
 
+def request_tokens(request: InferenceRequest) -> int:
+    """The request's messages in approximate tokens (where no model reported what it read)."""
+    return approx_tokens(" ".join(m.content or "" for m in request.messages))
+
+
 class Router:
     def __init__(
         self,
@@ -137,8 +142,7 @@ class Router:
         prices = self.state.tier(request.agent_id).student
         # Billed on what the student read and generated (Triton reports both); an estimate only from a version
         # that does not report them.
-        tokens_in = got.input_tokens if got.input_tokens is not None else approx_tokens(
-            " ".join(m.content or "" for m in request.messages))
+        tokens_in = got.input_tokens if got.input_tokens is not None else request_tokens(request)
         tokens_out = got.output_tokens if got.output_tokens is not None else approx_tokens(got.text)
         return Answer(
             content=got.text,
@@ -194,15 +198,13 @@ class Router:
         error = served.error
         # What the teacher alone would have cost when it did not run: the request and the full answer, at about
         # four characters a token (the student's own counts are of its compact prompt and answer).
-        estimate = routing.Usage(approx_tokens(" ".join(m.content or "" for m in request.messages)),
-                                 approx_tokens(served.content))
+        estimate = routing.Usage(request_tokens(request), approx_tokens(served.content))
         tier = self.state.tier(request.agent_id)
-        student_usage = (routing.Usage(student.input_tokens, student.output_tokens)
-                         if student and not student.error else None)
 
         def usage(answer: Answer | None) -> routing.Usage | None:
             return routing.Usage(answer.input_tokens, answer.output_tokens) if answer and not answer.error else None
 
+        student_usage = usage(student)
         response_costs = routing.costs(tier, usage(teacher), student_usage, estimate)
         response = InferenceResponse(
             request_id=request.request_id,
