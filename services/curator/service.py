@@ -39,7 +39,7 @@ from services.core.lifecycle_service import LifecycleService
 from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered, utcnow
 from services.core.settings import Settings
 from services.curator import labelling, queries
-from services.curator.filters import Pair, curate
+from services.curator.filters import Pair, curate, normalise_text
 from services.curator.grace import GraceCounts, GraceStatus, grace_status, retry_due
 from services.curator.prompt import build_prompt
 from services.curator.snapshot import WrittenSnapshot, dataset_record, write_snapshot
@@ -209,10 +209,13 @@ def build_snapshot(
     until = now or utcnow()
     pairs = read_pairs(ch, agent.agent_id, until)
     result = curate(pairs, agent, embed=embed)
-    records = [dataset_record(p) for p in result.kept]
-    train, holdout = split(
-        records, agent.validation.holdout_fraction, lambda r: r["request_id"], lambda r: r["intent"]
+    # Keyed by the normalised user turn: the same traffic replayed gives the same holdout (split.py).
+    kept_train, kept_holdout = split(
+        result.kept, agent.validation.holdout_fraction, lambda p: normalise_text(p.user_text), lambda p: p.intent,
+        tie=lambda p: p.request_id,
     )
+    train = [dataset_record(p) for p in kept_train]
+    holdout = [dataset_record(p) for p in kept_holdout]
     prompt = build_prompt(agent, train)
     times = [p.received_at for p in pairs if p.received_at is not None]
     return write_snapshot(
@@ -232,7 +235,10 @@ def build_snapshot(
             "source_parameters": {"agents": [agent.agent_id], "until": until.isoformat()},
             "filter_examples": result.examples,
             "trigger": trigger.model_dump(mode="json") if trigger is not None else None,
-            "split": {"holdout_fraction": agent.validation.holdout_fraction, "method": "sha256(seed:request_id)"},
+            "split": {
+                "holdout_fraction": agent.validation.holdout_fraction,
+                "method": "sha256(seed:normalised user turn)",
+            },
         },
         created_at=until,
     )

@@ -16,8 +16,9 @@ What it does differently from ``reference.reference_decode`` (and why the answer
   renormalised over them (what the plain decode's renormalised probability is).
 * **The system prompt's keys/values are computed once** per loaded version (``PrefixCache``) and shared by
   every request whose tokens start with them.
-* **Ragged batches:** each row feeds its own number of tokens per pass (right-padded, masked), finished rows
-  leave the batch.
+* **Ragged batches:** each row feeds its own number of tokens per pass, finished rows leave the batch. For
+  Llama-family models the rows are packed without padding (``packed.py``); others go through the Hugging Face
+  forward right-padded and masked.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.student_runtime.labels import LabelCursor
+from services.student_runtime.packed import PackedForward, supports
+from services.student_runtime.weights import BF16Matmul
 
 SCREEN_TOP = 8  # words scored again in fp32 per screened row
 SCREEN_MARGIN = 2.0  # logits; bfloat16's error on a logit is a few hundredths
@@ -98,13 +101,15 @@ class FastDecoder:
         self.prefix: PrefixCache | None = None
         self.tails: dict[tuple[int, ...], list[int]] = {}
         self.default_tail: list[int] = []
+        # Rows packed without padding where the model family allows (``packed.py``), else the HF forward.
+        self.packed = PackedForward(self.body) if supports(self.body) else None
 
     # Set-up -------------------------------------------------------------------------------------------------
-    def _bf16_head(self) -> Any:
+    def _bf16_head(self) -> BF16Matmul | None:
         torch = self.torch
         try:
-            head = self.head.detach().to(torch.bfloat16).contiguous()
-            torch.nn.functional.linear(torch.zeros((1, head.shape[1]), dtype=torch.bfloat16), head)
+            head = BF16Matmul(self.head)
+            head(torch.zeros((1, self.head.shape[1])))
         except RuntimeError:
             return None
         return head
@@ -149,7 +154,7 @@ class FastDecoder:
         torch = self.torch
         if self.head_bf16 is None or self.softcap:
             return self._free_exact(hidden)
-        approx = torch.nn.functional.linear(hidden.to(torch.bfloat16), self.head_bf16).float()
+        approx = self.head_bf16(hidden).float()
         top_v, top_i = approx.topk(SCREEN_TOP, dim=-1)
         exact = torch.einsum("nh,nkh->nk", hidden.float(), self.head[top_i].float())
         rest = approx.scatter(1, top_i, float("-inf"))
@@ -211,8 +216,50 @@ class FastDecoder:
         return free
 
     # Decoding -----------------------------------------------------------------------------------------------
+    def _plan(self, active: list[Row], limit: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+        """Each row's draft for this pass, and the (row in batch, column) positions needing full-vocabulary
+        logits if the drafts hold."""
+        drafts = [self._draft(r, limit) for r in active]
+        free_at = [(b, len(row.feed) - 1 + k) for b, (row, draft) in enumerate(zip(active, drafts, strict=True))
+                   for k in self._free_positions(row, draft)]
+        return drafts, free_at
+
     def decode(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
         """Decode ``rows`` (their ``feed`` holds the prompt after the prefix) until each ends or hits ``limit``."""
+        if self.packed is not None:
+            self._decode_packed(rows, limit, use_prefix)
+        else:
+            self._decode_padded(rows, limit, use_prefix)
+
+    def _decode_packed(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
+        torch = self.torch
+        prefix = self.prefix if use_prefix else None
+        active = [r for r in rows if not r.done]
+        if not active:
+            return
+        slot = {id(r): i for i, r in enumerate(active)}
+        length = max(r.pos + len(r.feed) for r in active) + limit + 1  # no position goes further
+        kv = self.packed.buffers(len(active), length, prefix.layers if prefix is not None else None)
+        with torch.inference_mode():
+            while active:
+                drafts, free_at = self._plan(active, limit)
+                seqs = [row.feed + draft for row, draft in zip(active, drafts, strict=True)]
+                hidden = self.packed(kv, [(slot[id(r)], r.pos, seq) for r, seq in zip(active, seqs, strict=True)])
+                offsets = [0]
+                for seq in seqs:
+                    offsets.append(offsets[-1] + len(seq))
+                free: dict[tuple[int, int], tuple[int, float]] = {}
+                if free_at:
+                    picks = hidden[[offsets[b] + c for b, c in free_at]]
+                    free = dict(zip(free_at, self._free(picks), strict=True))
+                for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
+                    row.passes += 1
+                    # A rejected draft position is written over by the next pass (keys are kept by position).
+                    self._accept(row, draft, hidden[offsets[b] : offsets[b + 1]], free, b, limit)
+                active = [r for r in active if not r.done]
+
+    def _decode_padded(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
+        """The Hugging Face forward: rows right-padded to the longest feed of each pass, masked."""
         from transformers import DynamicCache
 
         torch = self.torch
@@ -230,18 +277,16 @@ class FastDecoder:
             mask = torch.zeros((len(active), 0), dtype=torch.long)
         with torch.inference_mode():
             while active:
-                drafts = [self._draft(r, limit) for r in active]
+                drafts, free_at = self._plan(active, limit)
                 width = max(len(r.feed) + len(d) for r, d in zip(active, drafts, strict=True))
                 ids = torch.full((len(active), width), self.s.pad_id, dtype=torch.long)
                 step_mask = torch.zeros((len(active), width), dtype=torch.long)
                 positions = torch.zeros((len(active), width), dtype=torch.long)
-                free_at: list[tuple[int, int]] = []  # (row in batch, column) needing full-vocabulary logits
                 for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
                     seq = row.feed + draft
                     ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
                     step_mask[b, : len(seq)] = 1
                     positions[b] = torch.arange(row.pos, row.pos + width)
-                    free_at.extend((b, len(row.feed) - 1 + k) for k in self._free_positions(row, draft))
                 mask = torch.cat([mask, step_mask], dim=1)
                 hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
                                    past_key_values=cache, use_cache=True).last_hidden_state

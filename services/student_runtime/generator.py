@@ -224,7 +224,8 @@ class StudentGenerator:
             skip = len(self.prefix_ids) if prep.shares_prefix else 0
             groups[prep.shares_prefix].append(Row(index=index, cursor=cursor, feed=prep.ids[skip:], pos=skip))
         for shares, rows in groups.items():
-            for chunk in length_groups(rows):
+            # Packed rows are not padded: one pass for all; padded ones are cut by prompt length.
+            for chunk in ([rows] if self.fast.packed is not None and rows else length_groups(rows)):
                 self.fast.decode(chunk, limit, use_prefix=shares)
         return {
             r.index: (r.tokens, r.probs, r.cursor.start, r.cursor.end, r.passes)

@@ -22,6 +22,33 @@ class WeightFormatError(ValueError):
     """A weight format that is unknown or cannot run on this machine; the message names it."""
 
 
+class BF16Matmul:
+    """``x @ weight.T`` in bfloat16 (fp32 accumulation). The weight is reordered once into oneDNN's blocked layout
+    where this torch build allows it: the plain call reorders it at every call, which at the few rows of a
+    decode step costs a quarter to a half of the multiply. Results are the plain call's, bit for bit."""
+
+    def __init__(self, weight: Any) -> None:
+        import torch
+
+        self.torch = torch
+        self.weight = weight.detach().to(torch.bfloat16).contiguous()
+        self.packed = None
+        try:
+            packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
+            probe = torch.zeros((2, self.weight.shape[1]), dtype=torch.bfloat16)
+            if torch.equal(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""),
+                           torch.nn.functional.linear(probe, self.weight)):
+                self.packed = packed
+        except (AttributeError, RuntimeError):
+            pass  # no oneDNN here: the plain call
+
+    def __call__(self, x: Any) -> Any:
+        x = x.to(self.torch.bfloat16)
+        if self.packed is not None:
+            return self.torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        return self.torch.nn.functional.linear(x, self.weight)
+
+
 def _linear_classes() -> tuple[type, type]:
     import torch
     from torch import nn
@@ -29,12 +56,13 @@ def _linear_classes() -> tuple[type, type]:
     class BF16Linear(nn.Module):
         def __init__(self, linear: nn.Linear) -> None:
             super().__init__()
-            self.weight = nn.Parameter(linear.weight.detach().to(torch.bfloat16), requires_grad=False)
+            self.matmul = BF16Matmul(linear.weight)
+            self.weight = nn.Parameter(self.matmul.weight, requires_grad=False)
             self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
                                                                       requires_grad=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = nn.functional.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+            out = self.matmul(x).to(x.dtype)
             return out if self.bias is None else out + self.bias
 
     class Int8Linear(nn.Module):

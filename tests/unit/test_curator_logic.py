@@ -194,6 +194,27 @@ def test_split_is_stratified_and_deterministic() -> None:
     assert holdout_size(2, 0.15) == 0 and holdout_size(4, 0.15) == 1 and holdout_size(1, 0.5) == 0
 
 
+def test_the_same_traffic_replayed_gives_the_same_holdout_and_no_message_on_both_sides() -> None:
+    from services.curator.filters import normalise_text
+
+    first = _records({"card_arrival": 40, "exchange_rate": 20})
+    # A replay: the same messages under new request ids, in another order, written slightly differently.
+    replay = [{**r, "request_id": f"replay-{i}", "messages": [{"role": "user", "content": "  " +
+              r["messages"][-1]["content"].upper() + "!"}]} for i, r in enumerate(reversed(first))]
+
+    def user_key(r: dict) -> str:
+        return normalise_text(r["messages"][-1]["content"])
+
+    _, held = split(first, 0.2, user_key, lambda r: r["intent"])
+    _, held_again = split(replay, 0.2, user_key, lambda r: r["intent"])
+    assert held and sorted(map(user_key, held)) == sorted(map(user_key, held_again))
+    # The same message under two intents: wherever the hash puts it, never on both sides.
+    twins = [{**r, "intent": "exchange_rate", "request_id": r["request_id"] + "-twin"} for r in first[:40]]
+    train, holdout = split(first + twins, 0.5, user_key, lambda r: r["intent"], tie=lambda r: r["request_id"])
+    assert not {user_key(r) for r in train} & {user_key(r) for r in holdout}
+    assert len(train) + len(holdout) == 60 + 40
+
+
 def test_snapshot_files_are_byte_identical_and_content_addressed(tmp_path) -> None:
     records = _records({"card_arrival": 20, "exchange_rate": 10})
     train, holdout = split(records, 0.15, lambda r: r["request_id"], lambda r: r["intent"])

@@ -76,6 +76,18 @@ def test_the_fp32_output_layer_alone_gives_the_same_answers(student: StudentGene
         student.fast.head_bf16 = head
 
 
+def test_packed_rows_and_padded_rows_give_the_same_answers(student: StudentGenerator) -> None:
+    # The tiny student is a Llama: its rows are packed. Other families go through the padded HF forward.
+    assert student.fast.packed is not None
+    prompts = [chat(text) for text, _, _ in TINY_TRAINING[:6]] + [chat(text) for text in UNSEEN]
+    packed = student.answer(prompts)
+    forward, student.fast.packed = student.fast.packed, None
+    try:
+        assert_same(packed, student.answer(prompts))
+    finally:
+        student.fast.packed = forward
+
+
 def test_prompts_without_the_shared_prefix_and_long_prompts_match(student: StudentGenerator) -> None:
     prompts = [
         chat("When will my new card arrive?", system="Another system prompt."),  # no shared prefix
