@@ -42,7 +42,7 @@ class SelfHosted(_Strict):
 
     usd_per_hour: float = Field(0.10, ge=0, description="2 vCPUs in a public cloud, on demand")
     # The demo student (SmolLM2-135M, bf16) through Triton at concurrency 16 on 2 cores, 2026-12-07.
-    answers_per_s: float = Field(13.0, gt=0)
+    answers_per_s: float = Field(18.8, gt=0)
 
     def cost_per_answer(self) -> float:
         return self.usd_per_hour / 3600 / self.answers_per_s
