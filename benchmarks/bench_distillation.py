@@ -58,7 +58,8 @@ def main() -> None:
     ap.add_argument("--full-targets", action="store_true", help="train on full answers (no answer template)")
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the Distillation default)")
     ap.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: twice the rank)")
-    ap.add_argument("--targets", default=None, help="LoRA target modules, comma-separated (default: the config's)")
+    ap.add_argument("--targets", default=None, help="LoRA target modules, comma-separated (default: the small-cpu "
+                    "profile's, every linear layer)")
     ap.add_argument("--seed", type=int, default=None, help="training seed (default: the config's)")
     ap.add_argument("--skip-stage1", action="store_true", help="skip the untrained base's evaluation")
     args = ap.parse_args()
@@ -88,7 +89,7 @@ def main() -> None:
     output = Output(intents=labels, valid_tools=sorted({json.loads(e.target)["tool"] for e in snap.train}))
     agent = AgentConfig(
         agent_id="bench-bot",
-        distillation=Distillation(base_model=args.base, learning_rate=args.lr, epochs=args.epochs,
+        distillation=Distillation(base_model=args.base, profile="small-cpu", learning_rate=args.lr, epochs=args.epochs,
                                   batch_size=args.batch, compact_targets=not args.full_targets, **tuning),
         validation=Validation(quality_threshold=0.92, gate_mode="overall"),
         output=output,

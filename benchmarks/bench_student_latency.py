@@ -94,7 +94,7 @@ def train_version(args: argparse.Namespace) -> tuple[Path, Path]:
     output = Output(intents=labels, valid_tools=sorted({json.loads(e.target)["tool"] for e in snap.train}))
     agent = AgentConfig(
         agent_id="bench-bot",
-        distillation=Distillation(base_model=args.base, learning_rate=1e-3, epochs=args.epochs, batch_size=8),
+        distillation=Distillation(base_model=args.base, profile="small-cpu", epochs=args.epochs, batch_size=8),
         validation=Validation(quality_threshold=0.92, gate_mode="overall"),
         output=output,
     )
