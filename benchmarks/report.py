@@ -266,6 +266,8 @@ FIGURES: dict[str, list[Figure]] = {
         Figure("distillation", "threshold", "calibrated confidence threshold", "agreement"),
         Figure("distillation", "coverage", "coverage at the threshold", "share"),
         Figure("distillation", "selective_agreement", "agreement at or above the threshold", "agreement"),
+        Figure("distillation", "coverage_at_agreement_0.95", "coverage at 0.95 agreement on what is served", "share",
+               _min(0.85, "≥ 0.85")),
         Figure("distillation", "student_p95_ms", "trained student p95, in process, batch 1", "ms"),
         Figure("distillation", "teacher_p95_ms", "teacher p95 (latency model)", "ms"),
     ],
