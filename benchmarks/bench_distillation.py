@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--targets", default=None, help="LoRA target modules, comma-separated (default: the small-cpu "
                     "profile's, every linear layer)")
     ap.add_argument("--seed", type=int, default=None, help="training seed (default: the config's)")
+    ap.add_argument("--seeds", default=None, help="train once per seed (comma-separated, e.g. 42,7,13): the "
+                    "figures are the means, with min, max and standard deviation (overrides --seed)")
     ap.add_argument("--skip-stage1", action="store_true", help="skip the untrained base's evaluation")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -98,7 +101,7 @@ def main() -> None:
         "intents": len(labels), "train_pairs": len(snap.train), "holdout": len(snap.holdout),
         "epochs": args.epochs, "lr": args.lr, "batch": args.batch, "base": args.base,
         "lora_r": agent.distillation.lora_r, "lora_alpha": agent.distillation.lora_alpha,
-        "targets": agent.distillation.target_modules, "seed": agent.distillation.seed,
+        "targets": agent.distillation.target_modules,
         "command": " ".join(["python", "benchmarks/bench_distillation.py", *sys.argv[1:]]),
     }
 
@@ -117,23 +120,41 @@ def main() -> None:
         log.info("stage 1: %s", figures["stage1"])
         del gen1
 
-    # Stage 2: LoRA.
-    t0 = time.monotonic()
-    result = run_job(agent, snap, artifacts, JobOptions(max_holdout=args.max_holdout))
-    m = result.metrics()
-    cal = result.calibration
-    figures["stage2"] = {
-        "agreement": m["agreement"], "format": m["format_compliance"], "task_accuracy": m.get("task_accuracy"),
-        "train_seconds": m["train_seconds"], "train_examples_seen": m["train_examples"],
-        "train_steps": m["train_steps"],
-        "examples_per_s": result.train.examples_per_s, "tokens": result.train.tokens,
-        "calibrated_threshold": cal.threshold, "coverage": cal.coverage, "selective_agreement": cal.selective_agreement,
-        "coverage_at_0.85": coverage_at(result.report.scored, 0.85),
-        # The share the student could serve with >= 0.95 agreement on what it serves (issue 13's goal: >= 0.85).
-        "coverage_at_agreement_0.95": calibrate_threshold(result.report.scored, 0.95, min_covered=10).coverage,
-        "gate": result.verdict.model_dump(), "job_seconds": time.monotonic() - t0,
+    # Stage 2: LoRA, once per training seed (the split stays the same: only the training's randomness moves).
+    seeds = [int(x) for x in args.seeds.split(",") if x.strip()] if args.seeds else [agent.distillation.seed]
+    runs = []
+    for seed in seeds:
+        seeded = agent.model_copy(update={"distillation": agent.distillation.model_copy(update={"seed": seed})})
+        t0 = time.monotonic()
+        result = run_job(seeded, snap, artifacts, JobOptions(max_holdout=args.max_holdout))
+        m = result.metrics()
+        cal = result.calibration
+        runs.append({
+            "seed": seed,
+            "agreement": m["agreement"], "format": m["format_compliance"], "task_accuracy": m.get("task_accuracy"),
+            "train_seconds": m["train_seconds"], "train_examples_seen": m["train_examples"],
+            "train_steps": m["train_steps"],
+            "examples_per_s": result.train.examples_per_s, "tokens": result.train.tokens,
+            "calibrated_threshold": cal.threshold, "coverage": cal.coverage,
+            "selective_agreement": cal.selective_agreement,
+            "coverage_at_0.85": coverage_at(result.report.scored, 0.85),
+            # The share the student could serve with >= 0.95 agreement on what it serves (issue 13: >= 0.85).
+            "coverage_at_agreement_0.95": calibrate_threshold(result.report.scored, 0.95, min_covered=10).coverage,
+            "weight_format": result.decode_hints.get("weight_format"),
+            "gate": result.verdict.model_dump(), "job_seconds": time.monotonic() - t0,
+        })
+        log.info("stage 2, seed %d: %s", seed, runs[-1])
+    # With several seeds, the headline figures are the means; the spread says how much a seed moves them.
+    figures["stage2"] = dict(runs[-1]) if len(runs) == 1 else {
+        key: (statistics.fmean(r[key] for r in runs) if all(isinstance(r[key], int | float) for r in runs)
+              else runs[-1][key])
+        for key in runs[-1]
     }
-    log.info("stage 2: %s", figures["stage2"])
+    figures["seeds"] = runs
+    for key in ("agreement", "coverage_at_agreement_0.95"):
+        values = [float(r[key]) for r in runs]
+        figures["stage2"][f"{key}_min"], figures["stage2"][f"{key}_max"] = min(values), max(values)
+        figures["stage2"][f"{key}_stdev"] = statistics.stdev(values) if len(values) > 1 else 0.0
 
     # Latency of the trained student at batch 1, through the serving code.
     gen2 = runtime.StudentGenerator(
@@ -168,8 +189,11 @@ def main() -> None:
             "threshold": s2["calibrated_threshold"], "coverage": s2["coverage"],
             "selective_agreement": s2["selective_agreement"],
             "coverage_at_agreement_0.95": s2["coverage_at_agreement_0.95"],
+            "seeds": ",".join(str(r["seed"]) for r in figures["seeds"]),
+            **{f"{key}_{stat}": s2[f"{key}_{stat}"] for key in ("agreement", "coverage_at_agreement_0.95")
+               for stat in ("min", "max", "stdev")},
             "lora_r": figures["lora_r"], "targets": ",".join(figures["targets"]), "epochs": args.epochs,
-            "lr": args.lr, "seed": figures["seed"], "command": figures["command"],
+            "lr": args.lr, "command": figures["command"],
             "student_p95_ms": figures["student_latency_ms"]["p95"],
             "teacher_p95_ms": figures["teacher_latency_ms"]["p95"],
         }
