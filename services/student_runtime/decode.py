@@ -30,6 +30,9 @@ from services.student_runtime.labels import LabelCursor
 from services.student_runtime.packed import PackedForward, supports
 from services.student_runtime.weights import BF16Matmul
 
+# (row in batch, column) -> (token, probability) of the full-vocabulary decisions of one pass
+Decisions = dict[tuple[int, int], tuple[int, float]]
+
 SCREEN_TOP = 8  # words scored again in fp32 per screened row
 SCREEN_MARGIN = 2.0  # logits; bfloat16's error on a logit is a few hundredths
 SCREEN_TAIL = 1e-3  # largest probability mass left to the screened scores: x their error (< 8 %) < 1e-4
@@ -224,6 +227,10 @@ class FastDecoder:
                    for k in self._free_positions(row, draft)]
         return drafts, free_at
 
+    def _free_map(self, free_at: list[tuple[int, int]], hidden: Any, index: tuple) -> Decisions:
+        """The full-vocabulary decisions at ``free_at``, whose hidden states are ``hidden[index]``, in one call."""
+        return dict(zip(free_at, self._free(hidden[index]), strict=True)) if free_at else {}
+
     def decode(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
         """Decode ``rows`` (their ``feed`` holds the prompt after the prefix) until each ends or hits ``limit``."""
         if self.packed is not None:
@@ -248,10 +255,7 @@ class FastDecoder:
                 offsets = [0]
                 for seq in seqs:
                     offsets.append(offsets[-1] + len(seq))
-                free: dict[tuple[int, int], tuple[int, float]] = {}
-                if free_at:
-                    picks = hidden[[offsets[b] + c for b, c in free_at]]
-                    free = dict(zip(free_at, self._free(picks), strict=True))
+                free = self._free_map(free_at, hidden, ([offsets[b] + c for b, c in free_at],))
                 for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
                     row.passes += 1
                     # A rejected draft position is written over by the next pass (keys are kept by position).
@@ -290,10 +294,7 @@ class FastDecoder:
                 mask = torch.cat([mask, step_mask], dim=1)
                 hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
                                    past_key_values=cache, use_cache=True).last_hidden_state
-                free: dict[tuple[int, int], tuple[int, float]] = {}
-                if free_at:
-                    picks = hidden[[b for b, _ in free_at], [c for _, c in free_at]]
-                    free = dict(zip(free_at, self._free(picks), strict=True))
+                free = self._free_map(free_at, hidden, ([b for b, _ in free_at], [c for _, c in free_at]))
                 base = mask.shape[1] - width
                 for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
                     row.passes += 1
@@ -307,7 +308,7 @@ class FastDecoder:
                         mask = mask.index_select(0, index)
                     active = [active[b] for b in keep]
 
-    def _accept(self, row: Row, draft: list[int], hidden: Any, free: dict, b: int, limit: int) -> int:
+    def _accept(self, row: Row, draft: list[int], hidden: Any, free: Decisions, b: int, limit: int) -> int:
         """Take the row's decisions from this pass; returns how many of its fed columns stay valid."""
         seq = row.feed + draft
         col = len(row.feed) - 1

@@ -53,10 +53,10 @@ class Fused:
 
 
 @dataclass(frozen=True)
-class AttentionGroup:
-    """The rows attended in one call: their queries padded to the longest feed."""
+class AttentionLayout:
+    """The rows attended in a pass: their queries padded to the longest feed."""
 
-    padded_at: Any  # the same tokens in the padded [rows x widest] layout
+    padded_at: Any  # where each packed token sits in the padded [rows x widest] queries
     rows: int
     widest: int
     span: int
@@ -129,7 +129,7 @@ class PackedForward:
             values.append(v)
         return KVBuffers(keys, values)
 
-    def _attention_group(self, feeds: list[tuple[int, int, list[int]]], kv: KVBuffers) -> AttentionGroup:
+    def _attention_layout(self, feeds: list[tuple[int, int, list[int]]], kv: KVBuffers) -> AttentionLayout:
         """Shapes and mask of the attention call over the rows fed in a pass (finished rows are left out)."""
         torch = self.torch
         widest = max(len(ids) for _, _, ids in feeds)
@@ -146,22 +146,22 @@ class PackedForward:
         mask[:, :, 0] = True
         fed = [slot for slot, _, _ in feeds]
         pick = None if fed == list(range(kv.keys[0].shape[0])) else torch.tensor(fed, dtype=torch.long)
-        return AttentionGroup(torch.tensor(padded_at, dtype=torch.long),
+        return AttentionLayout(torch.tensor(padded_at, dtype=torch.long),
                               len(feeds), widest, span, mask.unsqueeze(1), pick)
 
-    def _attend(self, group: AttentionGroup, q: Any, keys: Any, values: Any, scaling: float) -> Any:
-        """Attention of the group's queries over their rows' keys/values: ``[queries, heads x head dim]``."""
+    def _attend(self, layout: AttentionLayout, q: Any, keys: Any, values: Any, scaling: float) -> Any:
+        """Attention of the layout's queries over their rows' keys/values: ``[queries, heads x head dim]``."""
         torch = self.torch
-        padded = q.new_zeros((group.rows * group.widest, self.heads, self.head_dim))
-        padded[group.padded_at] = q
-        padded = padded.view(group.rows, group.widest, self.heads, self.head_dim).transpose(1, 2)
-        keys, values = keys[:, : group.span], values[:, : group.span]
-        if group.pick is not None:
-            keys, values = keys.index_select(0, group.pick), values.index_select(0, group.pick)
+        padded = q.new_zeros((layout.rows * layout.widest, self.heads, self.head_dim))
+        padded[layout.padded_at] = q
+        padded = padded.view(layout.rows, layout.widest, self.heads, self.head_dim).transpose(1, 2)
+        keys, values = keys[:, : layout.span], values[:, : layout.span]
+        if layout.pick is not None:
+            keys, values = keys.index_select(0, layout.pick), values.index_select(0, layout.pick)
         out = torch.nn.functional.scaled_dot_product_attention(
-            padded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=group.mask, scale=scaling,
+            padded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.mask, scale=scaling,
             enable_gqa=self.heads != self.kv_heads)
-        return out.transpose(1, 2).reshape(group.rows * group.widest, -1)[group.padded_at]
+        return out.transpose(1, 2).reshape(layout.rows * layout.widest, -1)[layout.padded_at]
 
     def __call__(self, kv: KVBuffers, feeds: list[tuple[int, int, list[int]]]) -> Any:
         """Run ``feeds`` (row slot, position of its first token, token ids; each row at most once) and return the
@@ -177,7 +177,7 @@ class PackedForward:
         positions = torch.tensor(pos_flat, dtype=torch.long)
         slots = torch.tensor(slot_flat, dtype=torch.long)
         # One attention call over the fed rows (split by length into two calls, it measured slower).
-        group = self._attention_group(feeds, kv)
+        layout = self._attention_layout(feeds, kv)
         with torch.inference_mode():
             x = body.embed_tokens(torch.tensor([ids_flat], dtype=torch.long))
             cos, sin = body.rotary_emb(x, positions.unsqueeze(0))
@@ -195,7 +195,7 @@ class PackedForward:
                 k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
                 kv.keys[index][slots, positions] = k
                 kv.values[index][slots, positions] = v
-                out = self._attend(group, q, kv.keys[index], kv.values[index], attn.scaling)
+                out = self._attend(layout, q, kv.keys[index], kv.values[index], attn.scaling)
                 x = x + attn.o_proj(out).unsqueeze(0)
                 h = layer.post_attention_layernorm(x)
                 if gate_up is None:

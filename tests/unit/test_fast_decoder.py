@@ -66,26 +66,24 @@ def test_fast_answers_are_the_plain_greedy_answers(student: StudentGenerator) ->
     assert screened > redone > 0  # the bfloat16 screen decided most rows, the uncertain ones went to fp32
 
 
-def test_the_fp32_output_layer_alone_gives_the_same_answers(student: StudentGenerator) -> None:
+def test_the_fp32_output_layer_alone_gives_the_same_answers(
+    student: StudentGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prompts = [chat(text) for text in UNSEEN]
     screened = student.answer(prompts)
-    head, student.fast.head_bf16 = student.fast.head_bf16, None
-    try:
-        assert_same(screened, student.answer(prompts))
-    finally:
-        student.fast.head_bf16 = head
+    monkeypatch.setattr(student.fast, "head_bf16", None)
+    assert_same(screened, student.answer(prompts))
 
 
-def test_packed_rows_and_padded_rows_give_the_same_answers(student: StudentGenerator) -> None:
+def test_packed_rows_and_padded_rows_give_the_same_answers(
+    student: StudentGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The tiny student is a Llama: its rows are packed. Other families go through the padded HF forward.
     assert student.fast.packed is not None
     prompts = [chat(text) for text, _, _ in TINY_TRAINING[:6]] + [chat(text) for text in UNSEEN]
     packed = student.answer(prompts)
-    forward, student.fast.packed = student.fast.packed, None
-    try:
-        assert_same(packed, student.answer(prompts))
-    finally:
-        student.fast.packed = forward
+    monkeypatch.setattr(student.fast, "packed", None)
+    assert_same(packed, student.answer(prompts))
 
 
 def test_prompts_without_the_shared_prefix_and_long_prompts_match(student: StudentGenerator) -> None:
