@@ -97,8 +97,9 @@ class StudentModelSpec:
     num_threads: int | None = None  # torch threads in the Triton stub; default: every core
     warmup: bool = True  # answer once while loading, so a version that cannot answer fails its load
     # Triton scheduling (config.pbtxt, shared by every version of the model).
-    max_batch_size: int = 16  # concurrent requests share forward passes (a ragged batch, see student_runtime)
-    max_queue_delay_us: int = 2000
+    max_batch_size: int = 16  # requests per execute, and rows decoded together (student_runtime/scheduler.py)
+    # The model's scheduler adds a request to the running passes at once: waiting for company only delays it.
+    max_queue_delay_us: int = 0
     instance_count: int = 1
     metadata: Mapping[str, Any] = field(default_factory=dict)  # lineage: dataset, run, metrics...
 

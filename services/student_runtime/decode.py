@@ -71,6 +71,8 @@ class Row:
     cursor: LabelCursor | NoLabels
     feed: list[int]  # tokens chosen (or the prompt) whose keys/values are not computed yet
     pos: int  # position id of feed[0]
+    limit: int  # the most tokens the answer may have
+    prefix: bool = False  # positions 0..pos-1 are the cached shared prefix (``FastDecoder.prefix``)
     probs: list[float] = field(default_factory=list)
     passes: int = 0
     done: bool = False
@@ -191,7 +193,7 @@ class FastDecoder:
         return allowed[best], float(torch.exp(scores[best] - torch.logsumexp(scores, dim=0)))
 
     # Drafts -------------------------------------------------------------------------------------------------
-    def _draft(self, row: Row, limit: int) -> list[int]:
+    def _draft(self, row: Row) -> list[int]:
         cursor, tokens = row.cursor, row.tokens
         draft: list[int] = []
         if isinstance(cursor, LabelCursor):
@@ -204,7 +206,7 @@ class FastDecoder:
                 after = tokens[cursor.end :]
                 if len(after) < len(tail) and tail[: len(after)] == after:
                     draft = tail[len(after) :]
-        return draft[: max(0, limit - len(tokens) - 1)]
+        return draft[: max(0, row.limit - len(tokens) - 1)]
 
     @staticmethod
     def _free_positions(row: Row, draft: list[int]) -> list[int]:
@@ -219,10 +221,10 @@ class FastDecoder:
         return free
 
     # Decoding -----------------------------------------------------------------------------------------------
-    def _plan(self, active: list[Row], limit: int) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    def _plan(self, active: list[Row]) -> tuple[list[list[int]], list[tuple[int, int]]]:
         """Each row's draft for this pass, and the (row in batch, column) positions needing full-vocabulary
         logits if the drafts hold."""
-        drafts = [self._draft(r, limit) for r in active]
+        drafts = [self._draft(r) for r in active]
         free_at = [(b, len(row.feed) - 1 + k) for b, (row, draft) in enumerate(zip(active, drafts, strict=True))
                    for k in self._free_positions(row, draft)]
         return drafts, free_at
@@ -231,46 +233,35 @@ class FastDecoder:
         """The full-vocabulary decisions at ``free_at``, whose hidden states are ``hidden[index]``, in one call."""
         return dict(zip(free_at, self._free(hidden[index]), strict=True)) if free_at else {}
 
-    def decode(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
-        """Decode ``rows`` (their ``feed`` holds the prompt after the prefix) until each ends or hits ``limit``."""
-        if self.packed is not None:
-            self._decode_packed(rows, limit, use_prefix)
-        else:
-            self._decode_padded(rows, limit, use_prefix)
-
-    def _decode_packed(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
-        torch = self.torch
-        prefix = self.prefix if use_prefix else None
+    def decode(self, rows: list[Row]) -> None:
+        """Decode ``rows`` (their ``feed`` holds the prompt after the prefix, if any) until each ends or hits its
+        limit."""
         active = [r for r in rows if not r.done]
         if not active:
             return
-        slot = {id(r): i for i, r in enumerate(active)}
-        length = max(r.pos + len(r.feed) for r in active) + limit + 1  # no position goes further
-        kv = self.packed.buffers(len(active), length, prefix.layers if prefix is not None else None)
-        with torch.inference_mode():
-            while active:
-                drafts, free_at = self._plan(active, limit)
-                seqs = [row.feed + draft for row, draft in zip(active, drafts, strict=True)]
-                hidden = self.packed(kv, [(slot[id(r)], r.pos, seq) for r, seq in zip(active, seqs, strict=True)])
-                offsets = [0]
-                for seq in seqs:
-                    offsets.append(offsets[-1] + len(seq))
-                free = self._free_map(free_at, hidden, ([offsets[b] + c for b, c in free_at],))
-                for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
-                    row.passes += 1
-                    # A rejected draft position is written over by the next pass (keys are kept by position).
-                    self._accept(row, draft, hidden[offsets[b] : offsets[b + 1]], free, b, limit)
-                active = [r for r in active if not r.done]
+        if self.packed is not None:
+            batch = LiveBatch(self, len(active))
+            for row in active:
+                batch.admit(row)
+            while batch.rows:
+                batch.step()
+            return
+        for uses_prefix in (True, False):
+            group = [r for r in active if r.prefix == uses_prefix]
+            # Padded rows are cut by prompt length: every row of a pass is padded to the longest.
+            for chunk in length_groups(group):
+                self._decode_padded(chunk)
 
-    def _decode_padded(self, rows: list[Row], limit: int, use_prefix: bool) -> None:
-        """The Hugging Face forward: rows right-padded to the longest feed of each pass, masked."""
+    def _decode_padded(self, rows: list[Row]) -> None:
+        """The Hugging Face forward: rows right-padded to the longest feed of each pass, masked (rows of one call
+        all use the prefix, or none does)."""
         from transformers import DynamicCache
 
         torch = self.torch
-        prefix = self.prefix if use_prefix else None
         active = [r for r in rows if not r.done]
         if not active:
             return
+        prefix = self.prefix if active[0].prefix else None
         if prefix is not None:
             n = len(active)
             cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
@@ -281,7 +272,7 @@ class FastDecoder:
             mask = torch.zeros((len(active), 0), dtype=torch.long)
         with torch.inference_mode():
             while active:
-                drafts, free_at = self._plan(active, limit)
+                drafts, free_at = self._plan(active)
                 width = max(len(r.feed) + len(d) for r, d in zip(active, drafts, strict=True))
                 ids = torch.full((len(active), width), self.s.pad_id, dtype=torch.long)
                 step_mask = torch.zeros((len(active), width), dtype=torch.long)
@@ -298,7 +289,7 @@ class FastDecoder:
                 base = mask.shape[1] - width
                 for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
                     row.passes += 1
-                    valid = self._accept(row, draft, hidden[b], free, b, limit)
+                    valid = self._accept(row, draft, hidden[b], free, b)
                     mask[b, base + valid :] = 0  # rejected draft positions and padding: never attended again
                 keep = [b for b, r in enumerate(active) if not r.done]
                 if len(keep) < len(active):
@@ -308,12 +299,13 @@ class FastDecoder:
                         mask = mask.index_select(0, index)
                     active = [active[b] for b in keep]
 
-    def _accept(self, row: Row, draft: list[int], hidden: Any, free: Decisions, b: int, limit: int) -> int:
+    def _accept(self, row: Row, draft: list[int], hidden: Any, free: Decisions, b: int) -> int:
         """Take the row's decisions from this pass; returns how many of its fed columns stay valid."""
         seq = row.feed + draft
         col = len(row.feed) - 1
         cursor = row.cursor
         eos = self.s.eos_ids
+        limit = row.limit
         token = None
         while True:
             if len(cursor.tokens) >= limit:
@@ -355,3 +347,77 @@ class FastDecoder:
         if len(cursor.tokens) >= limit:
             row.done = True
         return valid
+
+
+def length_groups(rows: list[Row], min_size: int = 4, ratio: float = 1.3) -> list[list[Row]]:
+    """Rows sorted by prompt length and cut where a chunk of at least ``min_size`` would pad the next row's
+    prompt by more than ``ratio``: every row of a pass is padded to its longest, and padding is computed too."""
+    ordered = sorted(rows, key=lambda r: len(r.feed))
+    chunks: list[list[Row]] = []
+    for row in ordered:
+        if chunks and (len(chunks[-1]) < min_size or len(row.feed) <= ratio * len(chunks[-1][0].feed)):
+            chunks[-1].append(row)
+        else:
+            chunks.append([row])
+    if len(chunks) > 1 and len(chunks[-1]) < min_size:  # a short last chunk joins the one before
+        chunks[-2].extend(chunks.pop())
+    return chunks
+
+
+class LiveBatch:
+    """Rows of a packed model decoded together, joining and leaving between forward passes.
+
+    Each row holds a slot of key/value buffers kept across passes; a row that ends frees its slot at once, and a
+    row admitted later joins the next pass (its prompt is fed in the same pass as the other rows' decode
+    steps). Serving (``scheduler.Scheduler``) keeps one batch running for all requests; ``FastDecoder.decode``
+    admits a whole batch and runs it out. A row's answer does not depend on which rows share its passes."""
+
+    def __init__(self, decoder: FastDecoder, capacity: int) -> None:
+        if decoder.packed is None:
+            raise ValueError("a live batch needs a packed model (packed.supports)")
+        self.d = decoder
+        self.capacity = int(capacity)
+        self.kv = decoder.packed.buffers(self.capacity, 1)
+        self.rows: dict[int, Row] = {}  # slot -> row, in order of admission
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.rows)
+
+    def admit(self, row: Row) -> None:
+        """Give ``row`` a slot; it is fed in the next ``step``."""
+        if not self.free:
+            raise ValueError(f"the live batch is full ({self.capacity} rows)")
+        slot = next(i for i in range(self.capacity) if i not in self.rows)
+        need = row.pos + len(row.feed) + row.limit + 1  # no position of the row goes further
+        if need > self.kv.length:
+            self.kv = self.d.packed.grow(self.kv, max(need, 2 * self.kv.length))
+        if row.prefix and self.d.prefix is not None:
+            self.d.packed.fill(self.kv, slot, self.d.prefix.layers)
+        self.rows[slot] = row
+
+    def step(self) -> list[Row]:
+        """One forward pass over every row; returns the rows that ended in it (their slots are free again)."""
+        torch = self.d.torch
+        slots = list(self.rows)
+        active = [self.rows[s] for s in slots]
+        with torch.inference_mode():
+            drafts, free_at = self.d._plan(active)
+            seqs = [row.feed + draft for row, draft in zip(active, drafts, strict=True)]
+            hidden = self.d.packed(self.kv, [(s, r.pos, seq) for s, r, seq in zip(slots, active, seqs, strict=True)])
+            offsets = [0]
+            for seq in seqs:
+                offsets.append(offsets[-1] + len(seq))
+            free = self.d._free_map(free_at, hidden, ([offsets[b] + c for b, c in free_at],))
+            for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):
+                row.passes += 1
+                # A rejected draft position is written over by the next pass (keys are kept by position).
+                self.d._accept(row, draft, hidden[offsets[b] : offsets[b + 1]], free, b)
+        ended = [s for s in slots if self.rows[s].done]
+        return [self.rows.pop(s) for s in ended]
+
+    def drop(self) -> list[Row]:
+        """Remove every row (after a failed pass); returns them."""
+        rows = list(self.rows.values())
+        self.rows.clear()
+        return rows

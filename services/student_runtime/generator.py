@@ -64,21 +64,6 @@ class Prepared:
     shares_prefix: bool
 
 
-def length_groups(rows: list[Row], min_size: int = 4, ratio: float = 1.3) -> list[list[Row]]:
-    """Rows sorted by prompt length and cut where a chunk of at least ``min_size`` would pad the next row's
-    prompt by more than ``ratio``: every row of a pass is padded to its longest, and padding is computed too."""
-    ordered = sorted(rows, key=lambda r: len(r.feed))
-    chunks: list[list[Row]] = []
-    for row in ordered:
-        if chunks and (len(chunks[-1]) < min_size or len(row.feed) <= ratio * len(chunks[-1][0].feed)):
-            chunks[-1].append(row)
-        else:
-            chunks.append([row])
-    if len(chunks) > 1 and len(chunks[-1]) < min_size:  # a short last chunk joins the one before
-        chunks[-2].extend(chunks.pop())
-    return chunks
-
-
 class StudentGenerator:
     """Loads a student from a spec and answers prompts (no Triton needed)."""
 
@@ -193,21 +178,37 @@ class StudentGenerator:
                 prepared[index] = self.prepare(raw)
             except PromptError as exc:
                 out[index] = Answer(error=str(exc))
-        if prepared:
-            if reference:
-                decoded = self._reference(prepared, limit)
-            else:
-                decoded = self._fast(prepared, limit)
-            for index, (tokens, probs, start, end, passes) in decoded.items():
-                out[index] = Answer(
-                    text=self._text(tokens),
-                    confidence=self._confidence(tokens, probs, start, end),
-                    input_tokens=len(prepared[index].ids),
-                    output_tokens=sum(1 for t in tokens if t not in self.eos_ids),
-                    forward_passes=passes,
-                    token_ids=tuple(tokens),
-                )
+        if prepared and reference:
+            for index, (tokens, probs, start, end, passes) in self._reference(prepared, limit).items():
+                out[index] = self._answer(prepared[index], tokens, probs, start, end, passes)
+        elif prepared:
+            rows = [self.start_row(index, prep, limit) for index, prep in prepared.items()]
+            self.fast.decode(rows)
+            for row in rows:
+                out[row.index] = self.finish_row(prepared[row.index], row)
         return [a if a is not None else Answer(error="not answered") for a in out]
+
+    def start_row(self, index: int, prep: Prepared, limit: int | None = None) -> Row:
+        """A row of the fast decoder for a prepared prompt (``index``: the caller's)."""
+        cursor = self.labels.cursor(prep.text) if self.labels else NoLabels()
+        skip = len(self.prefix_ids) if prep.shares_prefix else 0
+        return Row(index=index, cursor=cursor, feed=prep.ids[skip:], pos=skip,
+                   limit=int(limit or self.max_new_tokens), prefix=prep.shares_prefix)
+
+    def finish_row(self, prep: Prepared, row: Row) -> Answer:
+        """The answer of a decoded row."""
+        return self._answer(prep, row.tokens, row.probs, row.cursor.start, row.cursor.end, row.passes)
+
+    def _answer(self, prep: Prepared, tokens: list[int], probs: list[float], start: int | None, end: int | None,
+                passes: int) -> Answer:
+        return Answer(
+            text=self._text(tokens),
+            confidence=self._confidence(tokens, probs, start, end),
+            input_tokens=len(prep.ids),
+            output_tokens=sum(1 for t in tokens if t not in self.eos_ids),
+            forward_passes=passes,
+            token_ids=tuple(tokens),
+        )
 
     def generate(self, raws: list[str], max_new_tokens: int | None = None) -> list[tuple[str, float]]:
         """(text, confidence) per PROMPT with the fast decoder; a bad PROMPT answers ("", 0.0)."""
@@ -216,21 +217,6 @@ class StudentGenerator:
     def generate_reference(self, raws: list[str], max_new_tokens: int | None = None) -> list[tuple[str, float]]:
         """(text, confidence) per PROMPT with the plain decode (one forward pass per token)."""
         return [(a.text, a.confidence) for a in self.answer(raws, max_new_tokens, reference=True)]
-
-    def _fast(self, prepared: dict[int, Prepared], limit: int) -> dict[int, tuple]:
-        groups: dict[bool, list[Row]] = {True: [], False: []}
-        for index, prep in prepared.items():
-            cursor = self.labels.cursor(prep.text) if self.labels else NoLabels()
-            skip = len(self.prefix_ids) if prep.shares_prefix else 0
-            groups[prep.shares_prefix].append(Row(index=index, cursor=cursor, feed=prep.ids[skip:], pos=skip))
-        for shares, rows in groups.items():
-            # Packed rows are not padded: one pass for all; padded ones are cut by prompt length.
-            for chunk in ([rows] if self.fast.packed is not None and rows else length_groups(rows)):
-                self.fast.decode(chunk, limit, use_prefix=shares)
-        return {
-            r.index: (r.tokens, r.probs, r.cursor.start, r.cursor.end, r.passes)
-            for rows in groups.values() for r in rows
-        }
 
     def _reference(self, prepared: dict[int, Prepared], limit: int) -> dict[int, tuple]:
         order = list(prepared)

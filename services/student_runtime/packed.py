@@ -54,9 +54,10 @@ class Fused:
 
 @dataclass(frozen=True)
 class AttentionLayout:
-    """The rows attended in a pass: their queries padded to the longest feed."""
+    """Rows attended in one call: their queries padded to the longest feed."""
 
-    padded_at: Any  # where each packed token sits in the padded [rows x widest] queries
+    tokens: Any | None  # the rows' tokens in the packed sequence (None: all of them, in order)
+    padded_at: Any  # where each of those tokens sits in the padded [rows x widest] queries
     rows: int
     widest: int
     span: int
@@ -71,6 +72,10 @@ class KVBuffers:
 
     keys: list[Any]
     values: list[Any]
+
+    @property
+    def length(self) -> int:
+        return int(self.keys[0].shape[1])
 
 
 class PackedForward:
@@ -110,58 +115,93 @@ class PackedForward:
             gate_up = fuse([mlp.gate_proj, mlp.up_proj])
         return qkv, gate_up
 
-    def buffers(self, rows: int, length: int, prefix: tuple[tuple[Any, Any], ...] | None) -> KVBuffers:
-        """Empty buffers; ``prefix`` (per layer, HF layout ``[1, kv heads, n, head dim]``) fills positions 0..n-1
-        of every row."""
+    def buffers(self, rows: int, length: int) -> KVBuffers:
+        """Empty buffers for ``rows`` rows of ``length`` positions."""
         torch = self.torch
         shape = (rows, length, self.kv_heads, self.head_dim)
-        keys, values = [], []
-        for layer in range(len(self.body.layers)):
-            # Zeros, not empty: a masked position still enters attention as 0 x value, and garbage can be NaN.
-            k = torch.zeros(shape, dtype=self.dtype)
-            v = torch.zeros(shape, dtype=self.dtype)
-            if prefix is not None:
-                pk, pv = prefix[layer]
-                n = pk.shape[2]
-                k[:, :n] = pk[0].transpose(0, 1)
-                v[:, :n] = pv[0].transpose(0, 1)
-            keys.append(k)
-            values.append(v)
-        return KVBuffers(keys, values)
+        # Zeros, not empty: a masked position still enters attention as 0 x value, and garbage can be NaN.
+        return KVBuffers([torch.zeros(shape, dtype=self.dtype) for _ in self.body.layers],
+                         [torch.zeros(shape, dtype=self.dtype) for _ in self.body.layers])
 
-    def _attention_layout(self, feeds: list[tuple[int, int, list[int]]], kv: KVBuffers) -> AttentionLayout:
-        """Shapes and mask of the attention call over the rows fed in a pass (finished rows are left out)."""
+    def grow(self, kv: KVBuffers, length: int) -> KVBuffers:
+        """``kv`` with room for ``length`` positions per row, its contents kept."""
+        grown = self.buffers(kv.keys[0].shape[0], length)
+        for old, new in zip(kv.keys + kv.values, grown.keys + grown.values, strict=True):
+            new[:, : old.shape[1]] = old
+        return grown
+
+    def fill(self, kv: KVBuffers, slot: int, prefix: tuple[tuple[Any, Any], ...]) -> None:
+        """Write a cached prefix (per layer, HF layout ``[1, kv heads, n, head dim]``) at positions 0..n-1 of
+        ``slot``."""
+        for layer, (pk, pv) in enumerate(prefix):
+            n = pk.shape[2]
+            kv.keys[layer][slot, :n] = pk[0].transpose(0, 1)
+            kv.values[layer][slot, :n] = pv[0].transpose(0, 1)
+
+    def _attention_layouts(self, feeds: list[tuple[int, int, list[int]]], kv: KVBuffers) -> list[AttentionLayout]:
+        """The attention calls of a pass over the fed rows (finished rows are left out). Every row is padded to
+        the longest feed of its call: when prompts (tens of tokens) and decode steps (a few) share a pass, as
+        rows joining a running batch do, the short rows get a call of their own instead of padding to the
+        prompts."""
+        widths = sorted(len(ids) for _, _, ids in feeds)
+        whole = len(widths) * widths[-1]  # padded queries of one call
+        # Short rows are the first k: the padded queries of the two calls, at the best k.
+        cost, cut = min(((k * widths[k - 1] + (len(widths) - k) * widths[-1], widths[k - 1])
+                         for k in range(1, len(widths)) if widths[k - 1] < widths[-1]), default=(whole, None))
+        if cost > 0.7 * whole:  # a second call costs something too: only a clear saving splits
+            cut = None
+        if cut is None:
+            return [self._layout(feeds, list(range(len(feeds))), kv, whole=True)]
+        short = [i for i, (_, _, ids) in enumerate(feeds) if len(ids) <= cut]
+        long = [i for i, (_, _, ids) in enumerate(feeds) if len(ids) > cut]
+        return [self._layout(feeds, short, kv), self._layout(feeds, long, kv)]
+
+    def _layout(self, feeds: list[tuple[int, int, list[int]]], chosen: list[int], kv: KVBuffers,
+                whole: bool = False) -> AttentionLayout:
         torch = self.torch
-        widest = max(len(ids) for _, _, ids in feeds)
-        span = max(pos + len(ids) for _, pos, ids in feeds)  # positions any query can see
-        query_pos = torch.full((len(feeds), widest), -1, dtype=torch.long)
-        padded_at = []
-        for row, (_, pos, ids) in enumerate(feeds):
+        starts = [0]
+        for _, _, ids in feeds:
+            starts.append(starts[-1] + len(ids))
+        group = [feeds[i] for i in chosen]
+        widest = max(len(ids) for _, _, ids in group)
+        span = max(pos + len(ids) for _, pos, ids in group)  # positions any query can see
+        query_pos = torch.full((len(group), widest), -1, dtype=torch.long)
+        padded_at, tokens = [], []
+        for row, (i, (_, pos, ids)) in enumerate(zip(chosen, group, strict=True)):
             n = len(ids)
             padded_at.extend(range(row * widest, row * widest + n))
+            tokens.extend(range(starts[i], starts[i] + n))
             query_pos[row, :n] = torch.arange(pos, pos + n)
         # A query sees every position up to its own; a padding query sees position 0 only (its output is dropped,
         # and a row of -inf would give NaN).
         mask = torch.arange(span).view(1, 1, span) <= query_pos.unsqueeze(-1)
         mask[:, :, 0] = True
-        fed = [slot for slot, _, _ in feeds]
+        fed = [slot for slot, _, _ in group]
         pick = None if fed == list(range(kv.keys[0].shape[0])) else torch.tensor(fed, dtype=torch.long)
-        return AttentionLayout(torch.tensor(padded_at, dtype=torch.long),
-                              len(feeds), widest, span, mask.unsqueeze(1), pick)
+        return AttentionLayout(None if whole else torch.tensor(tokens, dtype=torch.long),
+                               torch.tensor(padded_at, dtype=torch.long), len(group), widest, span,
+                               mask.unsqueeze(1), pick)
 
-    def _attend(self, layout: AttentionLayout, q: Any, keys: Any, values: Any, scaling: float) -> Any:
-        """Attention of the layout's queries over their rows' keys/values: ``[queries, heads x head dim]``."""
+    def _attend(self, layouts: list[AttentionLayout], q: Any, keys: Any, values: Any, scaling: float) -> Any:
+        """Attention of the pass's queries over their rows' keys/values: ``[queries, heads x head dim]``."""
         torch = self.torch
-        padded = q.new_zeros((layout.rows * layout.widest, self.heads, self.head_dim))
-        padded[layout.padded_at] = q
-        padded = padded.view(layout.rows, layout.widest, self.heads, self.head_dim).transpose(1, 2)
-        keys, values = keys[:, : layout.span], values[:, : layout.span]
-        if layout.pick is not None:
-            keys, values = keys.index_select(0, layout.pick), values.index_select(0, layout.pick)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            padded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=layout.mask, scale=scaling,
-            enable_gqa=self.heads != self.kv_heads)
-        return out.transpose(1, 2).reshape(layout.rows * layout.widest, -1)[layout.padded_at]
+        out = None if layouts[0].tokens is None else q.new_empty((q.shape[0], self.heads * self.head_dim))
+        for layout in layouts:
+            mine = q if layout.tokens is None else q[layout.tokens]
+            padded = q.new_zeros((layout.rows * layout.widest, self.heads, self.head_dim))
+            padded[layout.padded_at] = mine
+            padded = padded.view(layout.rows, layout.widest, self.heads, self.head_dim).transpose(1, 2)
+            k, v = keys[:, : layout.span], values[:, : layout.span]
+            if layout.pick is not None:
+                k, v = k.index_select(0, layout.pick), v.index_select(0, layout.pick)
+            got = torch.nn.functional.scaled_dot_product_attention(
+                padded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=layout.mask, scale=scaling,
+                enable_gqa=self.heads != self.kv_heads)
+            got = got.transpose(1, 2).reshape(layout.rows * layout.widest, -1)[layout.padded_at]
+            if layout.tokens is None:
+                return got
+            out[layout.tokens] = got
+        return out
 
     def __call__(self, kv: KVBuffers, feeds: list[tuple[int, int, list[int]]]) -> Any:
         """Run ``feeds`` (row slot, position of its first token, token ids; each row at most once) and return the
@@ -176,8 +216,7 @@ class PackedForward:
         total = len(ids_flat)
         positions = torch.tensor(pos_flat, dtype=torch.long)
         slots = torch.tensor(slot_flat, dtype=torch.long)
-        # One attention call over the fed rows (split by length into two calls, it measured slower).
-        layout = self._attention_layout(feeds, kv)
+        layouts = self._attention_layouts(feeds, kv)
         with torch.inference_mode():
             x = body.embed_tokens(torch.tensor([ids_flat], dtype=torch.long))
             cos, sin = body.rotary_emb(x, positions.unsqueeze(0))
@@ -195,7 +234,7 @@ class PackedForward:
                 k = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
                 kv.keys[index][slots, positions] = k
                 kv.values[index][slots, positions] = v
-                out = self._attend(layout, q, kv.keys[index], kv.values[index], attn.scaling)
+                out = self._attend(layouts, q, kv.keys[index], kv.values[index], attn.scaling)
                 x = x + attn.o_proj(out).unsqueeze(0)
                 h = layer.post_attention_layernorm(x)
                 if gate_up is None:

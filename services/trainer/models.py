@@ -149,6 +149,6 @@ def _config_values(config: str) -> dict[str, int]:
 
     return {
         "max_batch_size": grab(r"max_batch_size:\s*(\d+)", 8),
-        "max_queue_delay_us": grab(r"max_queue_delay_microseconds:\s*(\d+)", 2000),
+        "max_queue_delay_us": grab(r"max_queue_delay_microseconds:\s*(\d+)", 0),
         "instance_count": grab(r"count:\s*(\d+)", 1),
     }

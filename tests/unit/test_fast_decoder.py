@@ -5,6 +5,8 @@ batch get their error and the others are answered; long prompts are cut as train
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import pytest
 
@@ -107,6 +109,73 @@ def test_bad_rows_get_their_error_and_the_others_are_answered(student: StudentGe
     expected = student.answer([good])[0]
     for a in (answers[1], answers[4]):
         assert a.error is None and a.token_ids == expected.token_ids
+
+
+def serve(scheduler, jobs: list[list[str]], stagger_s: float = 0.0) -> list[list]:
+    """Submit ``jobs`` (one request each) to a scheduler, a few at a time; their answers in order."""
+    got: dict[int, list] = {}
+    ready = threading.Event()
+
+    def done(index: int, answers: list) -> None:
+        got[index] = answers
+        if len(got) == len(jobs):
+            ready.set()
+
+    for index, job in enumerate(jobs):
+        scheduler.submit(job, lambda answers, i=index: done(i, answers))
+        if stagger_s and index % 3 == 2:
+            time.sleep(stagger_s)  # the next requests join passes already running
+    assert ready.wait(120), f"{len(jobs) - len(got)} requests not answered"
+    return [got[i] for i in range(len(jobs))]
+
+
+def test_requests_joining_a_running_batch_get_the_plain_answers(student: StudentGenerator) -> None:
+    from services.student_runtime.scheduler import Scheduler, SchedulerClosed
+
+    prompts = [chat(text) for text, _, _ in TINY_TRAINING[:9]] + [chat(text) for text in UNSEEN]
+    expected = [student.answer([p])[0] for p in prompts]
+    scheduler = Scheduler(lambda: student, capacity=3)  # fewer slots than requests: some wait for one
+    try:
+        answers = serve(scheduler, [[p] for p in prompts], stagger_s=0.01)
+        # A request of several rows, one of them bad: the bad one gets its error, the others their answers.
+        mixed = serve(scheduler, [[prompts[0], "", prompts[1]]])[0]
+    finally:
+        assert scheduler.close()
+    for got, want in zip(answers, expected, strict=True):
+        assert_same(got, [want])
+    assert mixed[1].error == "PROMPT is empty"
+    assert_same([mixed[0], mixed[2]], expected[:2])
+    assert scheduler.passes < sum(a.forward_passes for a in expected)  # requests shared forward passes
+    with pytest.raises(SchedulerClosed, match="takes no more requests"):
+        scheduler.submit([prompts[0]], lambda answers: None)
+
+
+def test_a_failed_pass_answers_its_rows_with_the_error_and_serving_goes_on(
+    student: StudentGenerator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.student_runtime.decode import LiveBatch
+    from services.student_runtime.scheduler import Scheduler
+
+    real_step = LiveBatch.step
+    calls = {"n": 0}
+
+    def flaky(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("out of memory")
+        return real_step(self)
+
+    monkeypatch.setattr(LiveBatch, "step", flaky)
+    reports: list[str] = []
+    scheduler = Scheduler(lambda: student, capacity=4, name="student_tiny", report=reports.append)
+    try:
+        failed = serve(scheduler, [[chat("What is my balance?")]])[0]
+        after = serve(scheduler, [[chat("What is my balance?")]])[0]
+    finally:
+        assert scheduler.close()
+    assert failed[0].error == "RuntimeError: out of memory"
+    assert reports == ["student_tiny: a forward pass failed: RuntimeError: out of memory"]
+    assert_same(after, student.answer([chat("What is my balance?")]))
 
 
 def test_serving_reads_a_long_prompt_as_training_did(student: StudentGenerator) -> None:
