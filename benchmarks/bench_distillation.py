@@ -128,7 +128,7 @@ def main() -> None:
         t0 = time.monotonic()
         result = run_job(seeded, snap, artifacts, JobOptions(max_holdout=args.max_holdout))
         m = result.metrics()
-        cal = result.calibration
+        cal = result.routing  # the threshold routing would serve at (validation.served_agreement)
         runs.append({
             "seed": seed,
             "agreement": m["agreement"], "format": m["format_compliance"], "task_accuracy": m.get("task_accuracy"),

@@ -147,6 +147,11 @@ class Validation(_Strict):
     format_threshold: float = Field(0.95, ge=0, le=1)
     gate_mode: Literal["overall", "selective"] = "overall"
     min_coverage: float = Field(0.5, gt=0, le=1)
+    # The routing threshold a promotion carries is the lowest confidence at which the holdout answers at or above
+    # it agree with the teacher at this rate: what the student serves should agree at least this well (the
+    # rest goes to the teacher). Where no threshold reaches it, the gate's calibration (at quality_threshold)
+    # is used and the report says so.
+    served_agreement: float = Field(0.95, ge=0, le=1)
     metrics: list[str] = Field(
         default_factory=lambda: ["agreement", "format_compliance", "task_accuracy", "latency_p95"]
     )

@@ -52,6 +52,15 @@ def calibrate_threshold(
     return Calibration(threshold, covered / total, good / covered, covered, total, target)
 
 
+def routing_calibration(
+    scored: Sequence[tuple[float, bool]], served_agreement: float, gate: Calibration, min_covered: int = 1
+) -> Calibration:
+    """The calibration a promotion carries to routing: at ``served_agreement`` (what the answers the student
+    serves should agree at), or the gate's (at ``quality_threshold``) where no threshold reaches it."""
+    served = calibrate_threshold(scored, served_agreement, min_covered)
+    return served if served.threshold is not None else gate
+
+
 def coverage_at(scored: Sequence[tuple[float, bool]], threshold: float) -> tuple[float, float]:
     """(coverage, agreement among the covered) at a given threshold, e.g. the router's configured one."""
     kept = [ok for confidence, ok in scored if confidence >= threshold]

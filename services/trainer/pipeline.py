@@ -22,7 +22,7 @@ from services.student_runtime import StudentGenerator, render_prompt
 from services.student_runtime.prompt import shared_prefix_ids
 from services.trainer import data as D
 from services.trainer.base_model import ResolvedBase, load_model_and_tokenizer, prepare_base
-from services.trainer.calibrate import Calibration, calibrate_threshold
+from services.trainer.calibrate import Calibration, calibrate_threshold, routing_calibration
 from services.trainer.evaluate import HoldoutReport, answer_intent, evaluate_holdout, percentile
 from services.trainer.gate import FormatTrial, GateInputs, choose_format, decide
 from services.trainer.train import TrainResult, merge_adapter, train_lora
@@ -55,20 +55,31 @@ class JobResult:
     answer_template: dict[str, Any]
     train: TrainResult
     report: HoldoutReport
-    calibration: Calibration
+    calibration: Calibration  # at quality_threshold: what the selective gate judges
     verdict: GateVerdict
     config_hash: str
     holdout_prompts: list[str] = field(default_factory=list)
     # How the version decodes (spec.json): label tails to verify as drafts, the prompt limit of training.
     decode_hints: dict[str, Any] = field(default_factory=dict)
+    # The routing threshold the promotion carries (calibrate.routing_calibration); None: the gate's.
+    routing_calibration: Calibration | None = None
+
+    @property
+    def routing(self) -> Calibration:
+        return self.routing_calibration or self.calibration
 
     def metrics(self) -> dict[str, float]:
         """What the ModelEvent carries (floats only, by the schema)."""
         out = {
             "agreement": self.report.agreement,
             "format_compliance": self.report.format_compliance,
-            "selective_agreement": self.calibration.selective_agreement,
-            "coverage": self.calibration.coverage,
+            # What routing serves (the threshold the promotion carries): the share of the holdout at or above it
+            # and its agreement; the selective gate's own calibration (at quality_threshold) beside them.
+            "selective_agreement": self.routing.selective_agreement,
+            "coverage": self.routing.coverage,
+            "served_agreement_target": self.routing.target,
+            "gate_selective_agreement": self.calibration.selective_agreement,
+            "gate_coverage": self.calibration.coverage,
             "holdout_size": float(self.report.size),
             "train_examples": float(self.train.examples_seen),
             "train_steps": float(self.train.steps),
@@ -90,7 +101,7 @@ class JobResult:
             "base_path": self.base.path,
             "config_hash": self.config_hash,
             "metrics": self.metrics(),
-            "confidence_threshold": self.calibration.threshold,
+            "confidence_threshold": self.routing.threshold,
             "weight_format": self.decode_hints.get("weight_format", "fp32"),
             "gate": self.verdict.model_dump(),
             "labels": self.labels,
@@ -239,9 +250,9 @@ def run_job(
     )
     report, spec = evaluate_formats(agent, spec, holdout, prompts, options)
     hints["weight_format"] = spec["weight_format"]
-    calibration = calibrate_threshold(
-        report.scored, agent.validation.quality_threshold, min(options.min_calibration_support, report.size or 1)
-    )
+    support = min(options.min_calibration_support, report.size or 1)
+    calibration = calibrate_threshold(report.scored, agent.validation.quality_threshold, support)
+    routing = routing_calibration(report.scored, agent.validation.served_agreement, calibration, support)
     verdict = decide(
         GateInputs(
             agreement=report.agreement,
@@ -259,8 +270,12 @@ def run_job(
         max_new_tokens=max_new_tokens, system_prompt=system_prompt, answer_template=template, train=train,
         report=report,
         calibration=calibration, verdict=verdict, config_hash=chash, holdout_prompts=prompts,
-        decode_hints=hints,
+        decode_hints=hints, routing_calibration=routing,
     )
+    if routing.target != agent.validation.served_agreement:
+        log.warning("no confidence threshold reaches agreement %.3f on the served answers (served_agreement): "
+                    "routing uses the gate's threshold %s", agent.validation.served_agreement,
+                    calibration.threshold)
     (run_dir / "report.json").write_text(json.dumps(result.report_json(), indent=2, default=str) + "\n")
     log.info("gate (%s): %s %s", verdict.mode, "PASSED" if verdict.passed else "FAILED", "; ".join(verdict.reasons))
     return result

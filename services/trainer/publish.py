@@ -75,11 +75,11 @@ def _event(result: JobResult, kind: str, **kw: object) -> ModelEvent:
 
 
 def candidate_event(result: JobResult) -> ModelEvent:
-    return _event(result, "candidate", metrics=result.metrics(), confidence_threshold=result.calibration.threshold)
+    return _event(result, "candidate", metrics=result.metrics(), confidence_threshold=result.routing.threshold)
 
 
 def student_spec_for(result: JobResult, max_batch_size: int = 16) -> StudentModelSpec:
-    metadata = {**lineage(result), "metrics": result.metrics(), "confidence_threshold": result.calibration.threshold}
+    metadata = {**lineage(result), "metrics": result.metrics(), "confidence_threshold": result.routing.threshold}
     return StudentModelSpec(
         base_model=str(result.publish_dir) if result.merged else result.base.path,
         adapter_path=None if result.merged else str(result.adapter_dir),
@@ -109,7 +109,7 @@ def finish(
     metrics = result.metrics()
     if not result.verdict.passed:
         event = _event(result, "rejected", metrics=metrics, gate=result.verdict,
-                       confidence_threshold=result.calibration.threshold)
+                       confidence_threshold=result.routing.threshold)
         emit(event)
         return event
     if repo is None:
@@ -122,7 +122,7 @@ def finish(
         failed = GateVerdict(passed=False, mode=result.verdict.mode, reasons=[*result.verdict.reasons,
                                                                                f"publish failed: {exc}"])
         event = _event(result, "rejected", metrics=metrics, gate=failed,
-                       confidence_threshold=result.calibration.threshold)
+                       confidence_threshold=result.routing.threshold)
         emit(event)
         return event
     probes = result.holdout_prompts[:latency_probes]
@@ -131,9 +131,9 @@ def finish(
         metrics = {**metrics, "latency_p95_ms": percentile(lat, 95), "latency_p50_ms": percentile(lat, 50)}
     event = _event(
         result, "promoted", model_version=published.version, metrics=metrics, gate=result.verdict,
-        confidence_threshold=result.calibration.threshold,
+        confidence_threshold=result.routing.threshold,
     )
     emit(event)
     log.info("promoted %s version %d (agreement %.4f, threshold %s)", published.model, published.version,
-             metrics["agreement"], result.calibration.threshold)
+             metrics["agreement"], result.routing.threshold)
     return event

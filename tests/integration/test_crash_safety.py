@@ -95,7 +95,7 @@ def agents_yaml(base: Path) -> dict:
             "max_seq_len": 128,
         },
         # A tiny random model cannot agree with the teacher: the gate is opened so the promotion path runs.
-        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0},
+        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0},
         "routing": {"canary_steps": [1.0], "shadow_rate": 0.0},
         "drift": QUIET_DRIFT,
     }

@@ -38,7 +38,7 @@ def demo_settings(broker, clickhouse, triton, teacher, settings: Settings, stack
                          "max_seq_len": 128},
         # A tiny random model cannot agree with the teacher: the gate is open so the run follows the promotion
         # path (the gate has its own tests). The teacher shadows every answer, so every request has an intent.
-        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0},
+        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0},
         "routing": {"canary_steps": [1.0], "shadow_rate": 1.0},
         "drift": {"window_minutes": 1.0, "min_samples": 10},
     }

@@ -31,7 +31,7 @@ OPTIONS = JobOptions(max_steps=3)
 
 def lax() -> Validation:
     # The config refuses thresholds of 0 (gt=0); built without validation so the tiny model's noise passes.
-    values = {**Validation().model_dump(), "quality_threshold": 0.0, "format_threshold": 0.0}
+    values = {**Validation().model_dump(), "quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0}
     return Validation.model_construct(**values)
 
 

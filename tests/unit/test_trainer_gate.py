@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.core.agents import Validation
-from services.trainer.calibrate import calibrate_threshold, coverage_at
+from services.trainer.calibrate import calibrate_threshold, coverage_at, routing_calibration
 from services.trainer.gate import GateInputs, decide
 
 
@@ -101,6 +101,16 @@ def test_calibrate_threshold(scored, target, min_covered, threshold, coverage, s
     assert got.coverage == pytest.approx(coverage)
     assert got.selective_agreement == pytest.approx(selective)
     assert got.total == len(scored)
+
+
+def test_routing_is_calibrated_for_the_served_agreement_else_falls_back_to_the_gate() -> None:
+    # 10 answers by falling confidence: the top 6 all agree, then 2 of the next 4.
+    scored = [(1.0 - i / 20, ok) for i, ok in enumerate([True] * 6 + [False, True, False, True])]
+    gate = calibrate_threshold(scored, 0.75)
+    assert (gate.threshold, gate.coverage) == (0.55, 1.0)  # 8 of 10 agree overall
+    served = routing_calibration(scored, 0.95, gate)
+    assert (served.threshold, served.coverage, served.selective_agreement, served.target) == (0.75, 0.6, 1.0, 0.95)
+    assert routing_calibration(scored, 0.95, gate, min_covered=7) is gate  # nothing reaches 0.95 with 7 kept
 
 
 def test_coverage_at() -> None:
