@@ -88,6 +88,15 @@ class PhaseFigures:
         return self.shadow_agreed / self.shadow_samples if self.shadow_samples else None
 
     @property
+    def agreement_after_fallback(self) -> float | None:
+        """Agreement with the teacher of what was served: teacher answers agree by definition, student answers
+        at the shadow samples' rate (None without shadow samples while the student served)."""
+        served = self.student + self.teacher
+        if not served or (self.student and not self.shadow_samples):
+            return None
+        return (self.teacher + self.student * (self.live_agreement or 0.0)) / served
+
+    @property
     def gold_accuracy(self) -> float | None:
         return self.gold_correct / self.gold_total if self.gold_total else None
 
@@ -205,6 +214,26 @@ class DemoReport:
             "student_p95_ms": total.student_p95_ms,
             "requests": total.requests,
             "failed": total.failed,
+            "duration_s": (self.finished_at - self.started_at).total_seconds(),
+            **self._live_summary(),
+        }
+
+    def _live_summary(self) -> dict[str, float | None]:
+        """The live phase's figures (the student serving traffic like its training data): issue 13's goals."""
+        live = next((p for p in self.phases if p.name == "live"), None)
+        if live is None:
+            return {}
+        priced = live.prices(self.prices)
+        return {
+            "student_share_live": live.student_share,
+            "fallback_rate_live": live.fallback_rate,
+            "shadow_agreement_live": live.live_agreement,
+            "agreement_after_fallback_live": live.agreement_after_fallback,
+            "savings_pct_live": 100 * priced["savings"],
+            "savings_pct_self_hosted_live": 100 * priced["savings_self_hosted"],
+            "ideal_savings_pct_live": 100 * priced["ideal_savings"],
+            "teacher_p95_ms_live": live.teacher_p95_ms,
+            "student_p95_ms_live": live.student_p95_ms,
         }
 
     def _price_summary(self, total: PhaseFigures) -> dict[str, float]:
@@ -274,6 +303,18 @@ class DemoReport:
             f"${hosted.cost_per_answer():.7f} an answer): {pct(total['savings_self_hosted'])} saved, "
             f"{pct(total['ideal_savings_self_hosted'])} ideally.",
         ]
+        live = self._live_summary()
+        if live:
+            after = live["agreement_after_fallback_live"]
+            lines += [
+                "",
+                f"Live phase: the student served {pct(live['student_share_live'])} (fallback "
+                f"{pct(live['fallback_rate_live'])}); what was served agreed with the teacher at "
+                f"{'–' if after is None else f'{after:.3f}'}; saved {live['savings_pct_live']:.1f} % at list prices, "
+                f"{live['savings_pct_self_hosted_live']:.1f} % self-hosted, {live['ideal_savings_pct_live']:.1f} % "
+                f"ideally; student p95 {live['student_p95_ms_live']:.0f} ms against the teacher's "
+                f"{live['teacher_p95_ms_live']:.0f} ms.",
+            ]
         h = self.holdout
         if h:
             lines += [

@@ -69,9 +69,16 @@ def test_report_figures_and_markdown() -> None:
     assert summary["cost_usd"] == 1.5 and summary["teacher_only_cost_usd"] == 2.0 and summary["savings_pct"] == 25.0
     assert summary["teacher_p95_ms"] == 700 and summary["student_p95_ms"] == 300
     assert summary["agreement_holdout"] == 0.8
+    assert summary["duration_s"] == 1800
+    # The live phase alone: teacher answers (fallbacks) agree by definition, the student's at the shadow rate.
+    assert summary["student_share_live"] == 0.96 and summary["fallback_rate_live"] == 0.04
+    assert summary["agreement_after_fallback_live"] == pytest.approx((4 + 96 * 0.9) / 100)
+    assert summary["savings_pct_live"] == 50.0 and summary["student_p95_ms_live"] == 300
     md = report.markdown()
     assert "| live | 100 | 96.0 % | 4.0 % | 90.0 % (10) | 80.0 % | $0.5000 | $1.0000 | 50.0 % | 650 ms | 300 ms |" in md
     assert "| total | 200 |" in md and "quality gate `selective`" in md
+    assert "Live phase: the student served 96.0 % (fallback 4.0 %); what was served agreed with the teacher at " \
+           "0.904; saved 50.0 % at list prices" in md
     assert report.to_json()["phases"][1]["student_share"] == 0.96
 
 
