@@ -103,8 +103,10 @@ class Router:
 
     # Model calls --------------------------------------------------------------------------------------
     def _teacher_for(self, agent_id: str) -> Teacher:
+        from services.teacher.base import teacher_address
+
         cfg = self.agents.agent(agent_id).teacher
-        return self.teachers.get(cfg.url or "", self.teachers[""])
+        return self.teachers.get(teacher_address(self.settings, cfg), self.teachers[""])
 
     async def _ask_teacher(self, request: InferenceRequest) -> Answer:
         cfg = self.agents.agent(request.agent_id).teacher
@@ -507,15 +509,11 @@ class Router:
 
 
 def build_router(settings: Settings) -> Router:
-    from services.teacher.base import teacher_from_settings
+    from services.teacher.base import teachers_for
 
     agents = load_agents(settings.agents_file)
-    teachers: dict[str, Teacher] = {"": teacher_from_settings(settings)}
-    for cfg in agents.agents.values():
-        if cfg.teacher.url and cfg.teacher.url not in teachers:
-            teachers[cfg.teacher.url] = teacher_from_settings(
-                settings.model_copy(update={"teacher_url": cfg.teacher.url})
-            )
+    # Each teacher URL with its own key: the global key never goes to an agent's own teacher.url.
+    teachers: dict[str, Teacher] = teachers_for(settings, [(a, c.teacher) for a, c in agents.agents.items()])
     return Router(settings, agents, teachers, StudentClient(settings.triton_grpc_url))
 
 

@@ -9,13 +9,17 @@ production take the same path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from pydantic import SecretStr
 
 from services.core.records import ChatMessage, ToolCall
 
 if TYPE_CHECKING:
+    from services.core.agents import TeacherConfig
     from services.core.settings import Settings
 
 
@@ -75,3 +79,55 @@ def teacher_from_settings(settings: Settings, *, model_timeout_s: float = 60.0) 
     from services.teacher.openai_client import OpenAICompatibleTeacher
 
     return OpenAICompatibleTeacher(settings.teacher_url, settings.teacher_api_key, timeout_s=model_timeout_s)
+
+
+def _same_url(url: str) -> str:
+    return url.strip().rstrip("/")
+
+
+def _secret(key: SecretStr | None) -> str | None:
+    return None if key is None else key.get_secret_value()
+
+
+def teacher_credentials(
+    settings: Settings, agents: Iterable[tuple[str, TeacherConfig]], environ: Mapping[str, str]
+) -> dict[str, SecretStr | None]:
+    """The API key each teacher URL gets, keyed by URL ("" is the global one): ``FLYWHEEL_TEACHER_API_KEY`` goes
+    to ``FLYWHEEL_TEACHER_URL`` only; an agent's own ``teacher.url`` gets the variable its ``teacher.api_key_env``
+    names, or no key. A named variable that is not set, or two keys for one URL, is an error naming the agent."""
+    keys: dict[str, SecretStr | None] = {"": settings.teacher_api_key}
+    owner: dict[str, str] = {}
+    for agent_id, teacher in agents:
+        url = teacher_address(settings, teacher)
+        if not url:
+            continue  # the global teacher, with the global key
+        key = None
+        if teacher.api_key_env:
+            value = environ.get(teacher.api_key_env)
+            if not value:
+                raise ValueError(f"agents.{agent_id}.teacher.api_key_env: the environment variable "
+                                 f"{teacher.api_key_env} is not set (it holds the key of {teacher.url})")
+            key = SecretStr(value)
+        if url in owner and _secret(keys[url]) != _secret(key):
+            raise ValueError(f"agents.{agent_id}.teacher: {teacher.url} is also the teacher of agent {owner[url]} "
+                             "with another key (teacher.api_key_env): one URL, one key")
+        keys[url], owner[url] = key, agent_id
+    return keys
+
+
+def teachers_for(settings: Settings, agents: Iterable[tuple[str, TeacherConfig]],
+                 environ: Mapping[str, str] | None = None, *, model_timeout_s: float = 60.0) -> dict[str, Teacher]:
+    """One client per teacher URL, each with its own key (``teacher_credentials``); "" is the global teacher.
+    Look an agent's teacher up with ``teacher_address``."""
+    from services.teacher.openai_client import OpenAICompatibleTeacher
+
+    keys = teacher_credentials(settings, agents, os.environ if environ is None else environ)
+    return {url: OpenAICompatibleTeacher(url or settings.teacher_url, key, timeout_s=model_timeout_s)
+            for url, key in keys.items()}
+
+
+def teacher_address(settings: Settings, teacher: TeacherConfig) -> str:
+    """The key of ``teachers_for``'s mapping that serves an agent with this teacher config."""
+    if not teacher.url or (_same_url(teacher.url) == _same_url(settings.teacher_url) and not teacher.api_key_env):
+        return ""
+    return _same_url(teacher.url)

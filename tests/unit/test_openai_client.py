@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,17 @@ class Scripted:
 
 @pytest.fixture
 async def server() -> AsyncIterator[Scripted]:
+    async for scripted in _serve():
+        yield scripted
+
+
+@pytest.fixture
+async def other_server() -> AsyncIterator[Scripted]:
+    async for scripted in _serve():
+        yield scripted
+
+
+async def _serve() -> AsyncIterator[Scripted]:
     scripted = Scripted()
     app = web.Application()
     app.router.add_post("/v1/chat/completions", scripted.handle)
@@ -251,6 +263,42 @@ async def test_teacher_from_settings_points_at_the_teacher_url(server: Scripted)
     finally:
         await teacher.aclose()
     assert server.headers[0]["Authorization"] == f"Bearer {KEY}"
+
+
+async def test_each_teacher_url_gets_its_own_key_and_the_global_key_stays_home(
+    server: Scripted, other_server: Scripted
+) -> None:
+    from services.core.agents import TeacherConfig
+    from services.teacher.base import teacher_address, teacher_credentials, teachers_for
+
+    for s in (server, other_server):
+        s.script = [json_reply(ok_body())]
+    settings = Settings(teacher_url=server.url, teacher_api_key=SecretStr(KEY))
+    agents = [
+        ("support-bot", TeacherConfig()),  # the global teacher
+        ("acme-bot", TeacherConfig(url=other_server.url + "/", api_key_env="ACME_TEACHER_KEY")),
+        # Its own URL (the same server by another name), no key named: none is sent.
+        ("open-bot", TeacherConfig(url=other_server.url.replace("127.0.0.1", "localhost"))),
+    ]
+    teachers = teachers_for(settings, agents, {"ACME_TEACHER_KEY": "sk-acme-777"}, model_timeout_s=5)
+    try:
+        for _, cfg in agents:
+            await teachers[teacher_address(settings, cfg)].complete(MESSAGES, model="m")
+    finally:
+        for teacher in teachers.values():
+            await teacher.aclose()
+    assert server.headers[0]["Authorization"] == f"Bearer {KEY}" and len(server.seen) == 1
+    assert other_server.headers[0]["Authorization"] == "Bearer sk-acme-777"
+    assert "Authorization" not in other_server.headers[1] and len(other_server.seen) == 2
+    # A key variable that is not set, and two keys for one URL, are refused naming the agent.
+    with pytest.raises(ValueError, match=re.escape("agents.acme-bot.teacher.api_key_env: the environment variable "
+                                                   "ACME_TEACHER_KEY is not set")):
+        teacher_credentials(settings, agents[1:2], {})
+    twice = [*agents[1:2], ("rival-bot", TeacherConfig(url=other_server.url, api_key_env="RIVAL_KEY"))]
+    with pytest.raises(ValueError, match=r"agents\.rival-bot\.teacher: .* is also the teacher of agent acme-bot"):
+        teacher_credentials(settings, twice, {"ACME_TEACHER_KEY": "a", "RIVAL_KEY": "b"})
+    with pytest.raises(ValueError, match="api_key_env"):
+        TeacherConfig(url=other_server.url, api_key_env="not a name")
 
 
 # Pure helpers -----------------------------------------------------------------------------------------------
