@@ -64,9 +64,7 @@ def run(settings: Settings, messages: int, size: int) -> dict[str, float]:
     consume_s = time.perf_counter() - (t_first or time.perf_counter())
     consumer.close()
     mb = messages * size / 1e6
-    print(
-        f"broker: {settings.kafka_bootstrap}  messages: {messages} x {size} B  partitions: {topic.partitions}"
-    )
+    print(f"broker: {settings.kafka_bootstrap}  messages: {messages} x {size} B  partitions: {topic.partitions}")
     print(f"produce: {messages / produce_s:,.0f} msg/s  ({mb / produce_s:,.1f} MB/s, acks=all)")
     print(f"consume: {got / consume_s:,.0f} msg/s  ({got * size / 1e6 / consume_s:,.1f} MB/s; {got} read)")
     return {"produce_msg_s": messages / produce_s, "consume_msg_s": got / consume_s, "messages": messages, "size": size}

@@ -30,10 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-MALLOC = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "4294967296",
-          "MALLOC_TOP_PAD_": "536870912", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+MALLOC = {
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "4294967296",
+    "MALLOC_TOP_PAD_": "536870912",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+}
 
-CHILD = r'''
+CHILD = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 what, threads, seconds = sys.argv[2], sys.argv[3], float(sys.argv[4])
@@ -67,14 +72,20 @@ done, started = 0, time.perf_counter()
 while time.perf_counter() - started < seconds:
     done += unit()
 print(json.dumps({"per_s": done / (time.perf_counter() - started)}))
-'''
+"""
 
 
 def measure(what: str, threads: str, busy: bool, seconds: float, extra: list[str]) -> float:
     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
     try:
-        out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), what, threads, str(seconds), *extra],
-                             capture_output=True, text=True, env={**os.environ, **MALLOC}, timeout=900, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD, str(ROOT), what, threads, str(seconds), *extra],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **MALLOC},
+            timeout=900,
+            check=True,
+        )
         return float(json.loads(out.stdout.strip().splitlines()[-1])["per_s"])
     finally:
         if neighbour is not None:
@@ -115,8 +126,10 @@ def main() -> None:
             figures[f"{what}_{threads}_alone"] = alone
             figures[f"{what}_{threads}_busy"] = busy
             figures[f"{what}_{threads}_kept"] = busy / alone
-            print(f"| {what} ({unit[what]}) | {threads} | {alone:.2f} | {busy:.2f} | {100 * busy / alone:.0f} % |",
-                  flush=True)
+            print(
+                f"| {what} ({unit[what]}) | {threads} | {alone:.2f} | {busy:.2f} | {100 * busy / alone:.0f} % |",
+                flush=True,
+            )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
 

@@ -59,11 +59,18 @@ def main() -> None:
     ap.add_argument("--full-targets", action="store_true", help="train on full answers (no answer template)")
     ap.add_argument("--lora-r", type=int, default=None, help="LoRA rank (default: the Distillation default)")
     ap.add_argument("--lora-alpha", type=int, default=None, help="LoRA alpha (default: twice the rank)")
-    ap.add_argument("--targets", default=None, help="LoRA target modules, comma-separated (default: the small-cpu "
-                    "profile's, every linear layer)")
+    ap.add_argument(
+        "--targets",
+        default=None,
+        help="LoRA target modules, comma-separated (default: the small-cpu profile's, every linear layer)",
+    )
     ap.add_argument("--seed", type=int, default=None, help="training seed (default: the config's)")
-    ap.add_argument("--seeds", default=None, help="train once per seed (comma-separated, e.g. 42,7,13): the "
-                    "figures are the means, with min, max and standard deviation (overrides --seed)")
+    ap.add_argument(
+        "--seeds",
+        default=None,
+        help="train once per seed (comma-separated, e.g. 42,7,13): the "
+        "figures are the means, with min, max and standard deviation (overrides --seed)",
+    )
     ap.add_argument("--skip-stage1", action="store_true", help="skip the untrained base's evaluation")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -92,15 +99,28 @@ def main() -> None:
     output = Output(intents=labels, valid_tools=sorted({json.loads(e.target)["tool"] for e in snap.train}))
     agent = AgentConfig(
         agent_id="bench-bot",
-        distillation=Distillation(base_model=args.base, profile="small-cpu", learning_rate=args.lr, epochs=args.epochs,
-                                  batch_size=args.batch, compact_targets=not args.full_targets, **tuning),
+        distillation=Distillation(
+            base_model=args.base,
+            profile="small-cpu",
+            learning_rate=args.lr,
+            epochs=args.epochs,
+            batch_size=args.batch,
+            compact_targets=not args.full_targets,
+            **tuning,
+        ),
         validation=Validation(quality_threshold=0.92, gate_mode="overall"),
         output=output,
     )
     figures: dict[str, object] = {
-        "intents": len(labels), "train_pairs": len(snap.train), "holdout": len(snap.holdout),
-        "epochs": args.epochs, "lr": args.lr, "batch": args.batch, "base": args.base,
-        "lora_r": agent.distillation.lora_r, "lora_alpha": agent.distillation.lora_alpha,
+        "intents": len(labels),
+        "train_pairs": len(snap.train),
+        "holdout": len(snap.holdout),
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "batch": args.batch,
+        "base": args.base,
+        "lora_r": agent.distillation.lora_r,
+        "lora_alpha": agent.distillation.lora_alpha,
         "targets": agent.distillation.target_modules,
         "command": " ".join(["python", "benchmarks/bench_distillation.py", *sys.argv[1:]]),
     }
@@ -115,8 +135,13 @@ def main() -> None:
         prompts1 = [D.prompt_json(D.student_messages(snap.prompt, e.messages)) for e in hold1]
         t0 = time.monotonic()
         rep1 = evaluate_holdout(gen1.generate, hold1, prompts1, output)
-        figures["stage1"] = {"n": rep1.size, "agreement": rep1.agreement, "format": rep1.format_compliance,
-                             "task_accuracy": rep1.task_accuracy, "seconds": time.monotonic() - t0}
+        figures["stage1"] = {
+            "n": rep1.size,
+            "agreement": rep1.agreement,
+            "format": rep1.format_compliance,
+            "task_accuracy": rep1.task_accuracy,
+            "seconds": time.monotonic() - t0,
+        }
         log.info("stage 1: %s", figures["stage1"])
         del gen1
 
@@ -129,27 +154,42 @@ def main() -> None:
         result = run_job(seeded, snap, artifacts, JobOptions(max_holdout=args.max_holdout))
         m = result.metrics()
         cal = result.routing  # the threshold routing would serve at (validation.served_agreement)
-        runs.append({
-            "seed": seed,
-            "agreement": m["agreement"], "format": m["format_compliance"], "task_accuracy": m.get("task_accuracy"),
-            "train_seconds": m["train_seconds"], "train_examples_seen": m["train_examples"],
-            "train_steps": m["train_steps"],
-            "examples_per_s": result.train.examples_per_s, "tokens": result.train.tokens,
-            "calibrated_threshold": cal.threshold, "coverage": cal.coverage,
-            "selective_agreement": cal.selective_agreement,
-            "coverage_at_0.85": coverage_at(result.report.scored, 0.85),
-            # The share the student could serve with >= 0.95 agreement on what it serves (issue 13: >= 0.85).
-            "coverage_at_agreement_0.95": calibrate_threshold(result.report.scored, 0.95, min_covered=10).coverage,
-            "weight_format": result.decode_hints.get("weight_format"),
-            "gate": result.verdict.model_dump(), "job_seconds": time.monotonic() - t0,
-        })
+        runs.append(
+            {
+                "seed": seed,
+                "agreement": m["agreement"],
+                "format": m["format_compliance"],
+                "task_accuracy": m.get("task_accuracy"),
+                "train_seconds": m["train_seconds"],
+                "train_examples_seen": m["train_examples"],
+                "train_steps": m["train_steps"],
+                "examples_per_s": result.train.examples_per_s,
+                "tokens": result.train.tokens,
+                "calibrated_threshold": cal.threshold,
+                "coverage": cal.coverage,
+                "selective_agreement": cal.selective_agreement,
+                "coverage_at_0.85": coverage_at(result.report.scored, 0.85),
+                # The share the student could serve with >= 0.95 agreement on what it serves (issue 13: >= 0.85).
+                "coverage_at_agreement_0.95": calibrate_threshold(result.report.scored, 0.95, min_covered=10).coverage,
+                "weight_format": result.decode_hints.get("weight_format"),
+                "gate": result.verdict.model_dump(),
+                "job_seconds": time.monotonic() - t0,
+            }
+        )
         log.info("stage 2, seed %d: %s", seed, runs[-1])
     # With several seeds, the headline figures are the means; the spread says how much a seed moves them.
-    figures["stage2"] = dict(runs[-1]) if len(runs) == 1 else {
-        key: (statistics.fmean(r[key] for r in runs) if all(isinstance(r[key], int | float) for r in runs)
-              else runs[-1][key])
-        for key in runs[-1]
-    }
+    figures["stage2"] = (
+        dict(runs[-1])
+        if len(runs) == 1
+        else {
+            key: (
+                statistics.fmean(r[key] for r in runs)
+                if all(isinstance(r[key], int | float) for r in runs)
+                else runs[-1][key]
+            )
+            for key in runs[-1]
+        }
+    )
     figures["seeds"] = runs
     for key in ("agreement", "coverage_at_agreement_0.95"):
         values = [float(r[key]) for r in runs]
@@ -158,8 +198,15 @@ def main() -> None:
 
     # Latency of the trained student at batch 1, through the serving code.
     gen2 = runtime.StudentGenerator(
-        student_spec(base.path, str(result.adapter_dir), result.labels, result.system_prompt, result.max_new_tokens,
-                     result.answer_template, result.decode_hints)
+        student_spec(
+            base.path,
+            str(result.adapter_dir),
+            result.labels,
+            result.system_prompt,
+            result.max_new_tokens,
+            result.answer_template,
+            result.decode_hints,
+        )
     )
     lat = []
     for prompt in result.holdout_prompts[: args.latency_probes]:
@@ -183,17 +230,27 @@ def main() -> None:
     if args.json:
         s1, s2 = figures["stage1"], figures["stage2"]
         flat = {
-            "stage1_agreement": s1["agreement"], "stage2_agreement": s2["agreement"],
-            "format_compliance": s2["format"], "gold_accuracy": s2["task_accuracy"],
-            "train_seconds": s2["train_seconds"], "train_pairs": figures["train_pairs"],
-            "threshold": s2["calibrated_threshold"], "coverage": s2["coverage"],
+            "stage1_agreement": s1["agreement"],
+            "stage2_agreement": s2["agreement"],
+            "format_compliance": s2["format"],
+            "gold_accuracy": s2["task_accuracy"],
+            "train_seconds": s2["train_seconds"],
+            "train_pairs": figures["train_pairs"],
+            "threshold": s2["calibrated_threshold"],
+            "coverage": s2["coverage"],
             "selective_agreement": s2["selective_agreement"],
             "coverage_at_agreement_0.95": s2["coverage_at_agreement_0.95"],
             "seeds": ",".join(str(r["seed"]) for r in figures["seeds"]),
-            **{f"{key}_{stat}": s2[f"{key}_{stat}"] for key in ("agreement", "coverage_at_agreement_0.95")
-               for stat in ("min", "max", "stdev")},
-            "lora_r": figures["lora_r"], "targets": ",".join(figures["targets"]), "epochs": args.epochs,
-            "lr": args.lr, "command": figures["command"],
+            **{
+                f"{key}_{stat}": s2[f"{key}_{stat}"]
+                for key in ("agreement", "coverage_at_agreement_0.95")
+                for stat in ("min", "max", "stdev")
+            },
+            "lora_r": figures["lora_r"],
+            "targets": ",".join(figures["targets"]),
+            "epochs": args.epochs,
+            "lr": args.lr,
+            "command": figures["command"],
             "student_p95_ms": figures["student_latency_ms"]["p95"],
             "teacher_p95_ms": figures["teacher_latency_ms"]["p95"],
         }

@@ -148,18 +148,23 @@ def in_process(spec: dict, prompts: list[str], targets: list[str], figures: dict
         figures[f"in_process_{name}_p50_ms"] = pct(latencies, 50)
         figures[f"in_process_{name}_p95_ms"] = pct(latencies, 95)
         figures[f"in_process_{name}_passes_per_answer"] = statistics.fmean(passes)
-        print(f"in process, {name} decode ({weights}), batch 1: p50 {pct(latencies, 50):.0f} ms, p95 "
-              f"{pct(latencies, 95):.0f} ms, {statistics.fmean(passes):.2f} forward passes per answer", flush=True)
+        print(
+            f"in process, {name} decode ({weights}), batch 1: p50 {pct(latencies, 50):.0f} ms, p95 "
+            f"{pct(latencies, 95):.0f} ms, {statistics.fmean(passes):.2f} forward passes per answer",
+            flush=True,
+        )
         del generator
         gc.collect()
     plain, fast = runs["plain"], runs["fast"]
     figures["weight_format"] = fmt
     figures["in_process_token_identical"] = sum(a.token_ids == b.token_ids for a, b in zip(fast, plain, strict=True)
                                                 ) / len(plain)  # fmt: skip
-    figures["in_process_max_confidence_diff"] = max(abs(a.confidence - b.confidence) for a, b in zip(fast, plain,
-                                                                                                      strict=True))
-    figures["holdout_agreement_fp32"] = sum(agrees(a.text, t) for a, t in zip(runs["plain_fp32"], targets,
-                                                                               strict=True)) / len(targets)
+    figures["in_process_max_confidence_diff"] = max(
+        abs(a.confidence - b.confidence) for a, b in zip(fast, plain, strict=True)
+    )
+    figures["holdout_agreement_fp32"] = sum(
+        agrees(a.text, t) for a, t in zip(runs["plain_fp32"], targets, strict=True)
+    ) / len(targets)
     return [a.text for a in plain], [a.text for a in runs["plain_fp32"]]
 
 
@@ -218,8 +223,11 @@ def main() -> None:
     parser.add_argument("--teacher-requests", type=int, default=200)
     parser.add_argument("--threads", type=int, help="torch threads in the Triton student (default: the spec's)")
     parser.add_argument("--instances", type=int, help="Triton instances of the student (default: the spec's)")
-    parser.add_argument("--triton-only", action="store_true",
-                        help="skip the in-process decodes (no before figures, no agreement with the reference)")
+    parser.add_argument(
+        "--triton-only",
+        action="store_true",
+        help="skip the in-process decodes (no before figures, no agreement with the reference)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here as a flat JSON object")
     args = parser.parse_args()
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
@@ -240,7 +248,9 @@ def main() -> None:
     targets = [e.target for e in holdout]
     figures: dict[str, object] = {
         "command": shlex.join(["python", "benchmarks/bench_student_latency.py", *sys.argv[1:]]),
-        "version_dir": str(version), "snapshot": str(snapshot), "holdout": len(holdout),
+        "version_dir": str(version),
+        "snapshot": str(snapshot),
+        "holdout": len(holdout),
         "load_before": os.getloadavg()[0],
     }
     if args.triton_only:
@@ -268,19 +278,24 @@ def main() -> None:
             figures["input_tokens_per_answer"] = statistics.fmean(a.input_tokens or 0 for a in served)
             figures["output_tokens_per_answer"] = statistics.fmean(a.output_tokens or 0 for a in served)
             figures["holdout_agreement_served"] = sum(
-                agrees(a.text, t) for a, t in zip(served, targets, strict=True)) / len(targets)
+                agrees(a.text, t) for a, t in zip(served, targets, strict=True)
+            ) / len(targets)
             if reference is not None and reference_fp32 is not None:
                 figures["agreement_with_reference"] = sum(
-                    a.text == r for a, r in zip(served, reference, strict=True)) / len(reference)
+                    a.text == r for a, r in zip(served, reference, strict=True)
+                ) / len(reference)
                 figures["agreement_with_fp32_plain"] = sum(
-                    a.text == r for a, r in zip(served, reference_fp32, strict=True)) / len(reference)
+                    a.text == r for a, r in zip(served, reference_fp32, strict=True)
+                ) / len(reference)
             for level in levels:
                 answers, seconds = asyncio.run(through_triton(settings, conversations, level, args.per_level))
                 rate = len(answers) / seconds
                 figures[f"answers_per_s_c{level}"] = rate
                 figures[f"p95_ms_c{level}"] = pct([a.latency_ms for a in answers], 95)
-                print(f"concurrency {level:2d}: {rate:5.1f} answers/s, p95 {figures[f'p95_ms_c{level}']:.0f} ms",
-                      flush=True)
+                print(
+                    f"concurrency {level:2d}: {rate:5.1f} answers/s, p95 {figures[f'p95_ms_c{level}']:.0f} ms",
+                    flush=True,
+                )
             figures["student_answers_per_s"] = figures.get(f"answers_per_s_c{max(levels)}", 0.0)
             teacher = asyncio.run(teacher_latencies(settings, conversations[: args.teacher_requests] or
                                                     conversations, 20))  # fmt: skip
@@ -302,8 +317,10 @@ def main() -> None:
         print(f"| {key} | {value:.3f} | {op} {goal} | {distance:+.3f} |")
     if "holdout_agreement_fp32" in figures:
         drop = float(figures["holdout_agreement_fp32"]) - float(figures["holdout_agreement_served"])  # type: ignore
-        print(f"| holdout agreement fp32 → served | {figures['holdout_agreement_fp32']:.3f} → "
-              f"{figures['holdout_agreement_served']:.3f} | drop ≤ 0.005 | {drop:+.3f} |")
+        print(
+            f"| holdout agreement fp32 → served | {figures['holdout_agreement_fp32']:.3f} → "
+            f"{figures['holdout_agreement_served']:.3f} | drop ≤ 0.005 | {drop:+.3f} |"
+        )
     print(f"| teacher p95 / student p95 | {figures['teacher_p95_ms']:.0f} / {figures['student_p95_ms']:.0f} ms | | |")
     print(f"| student answers/s vs the ~50/s ceiling | {figures['student_answers_per_s']:.1f} | | |")
     if args.json:

@@ -108,9 +108,7 @@ def concurrent(make_call: Callable[[], Callable[[], None]], clients: int, per_cl
     return {"req_per_s": clients * per_client / elapsed, "clients": clients, "n": clients * per_client}
 
 
-def measure(
-    name: str, grpc_url: str, http_url: str, model: str, prompt: str, n: int, clients: int
-) -> dict[str, float]:
+def measure(name: str, grpc_url: str, http_url: str, model: str, prompt: str, n: int, clients: int) -> dict[str, float]:
     rows = [
         ("gRPC sequential", sequential(grpc_caller(grpc_url, model, prompt), n)),
         ("HTTP sequential", sequential(http_caller(http_url, model, prompt), n)),

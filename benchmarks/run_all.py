@@ -270,9 +270,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "new temporary directory)")  # fmt: skip
     parser.add_argument("--demo-report", type=Path, help="the demo's report.json (default: "
                         "$FLYWHEEL_HOME/demo/report.json when it exists)")  # fmt: skip
-    parser.add_argument("--reuse", action="append", metavar="NAME=PATH", default=[],
-                        help="take a benchmark's figures from the --json file of an earlier run of it (e.g. "
-                             "distillation=out.json) instead of running it again")
+    parser.add_argument(
+        "--reuse",
+        action="append",
+        metavar="NAME=PATH",
+        default=[],
+        help="take a benchmark's figures from the --json file of an earlier run of it (e.g. "
+        "distillation=out.json) instead of running it again",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="show each benchmark's output as it runs")
     args = parser.parse_args(argv)
     only, skip = parse_names(args.only, "--only"), parse_names(args.skip, "--skip")

@@ -214,7 +214,11 @@ def smoke() -> None:
 @main.command()
 @click.option("--short", is_flag=True, help="Shorter live and recovery phases (training is the same): a first look")
 @click.option(
-    "--workload", "workload_name", type=click.Choice(["banking77", "nlupp"]), default="banking77", show_default=True,
+    "--workload",
+    "workload_name",
+    type=click.Choice(["banking77", "nlupp"]),
+    default="banking77",
+    show_default=True,
     help="banking77: the support-bot agent; nlupp: the banking-nlu agent (several intents and slots)",
 )
 @click.option("--reset", is_flag=True, help="Stop the stack and delete FLYWHEEL_HOME first (starts from nothing)")
@@ -244,8 +248,13 @@ def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None
         return
     agent_id = AGENT_FOR_WORKLOAD[workload_name]
     agent_cfg = load_agents(settings.agents_file).agent(agent_id)
-    plan = make_plan(load_workload(workload_name, settings.data_dir), agent_cfg.grace_period.min_unique_intents,
-                     short=short, agent_id=agent_id, grace_conversations=agent_cfg.grace_period.min_conversations)
+    plan = make_plan(
+        load_workload(workload_name, settings.data_dir),
+        agent_cfg.grace_period.min_unique_intents,
+        short=short,
+        agent_id=agent_id,
+        grace_conversations=agent_cfg.grace_period.min_conversations,
+    )
     try:
         check_fresh(settings, agent_id)
         report = asyncio.run(Demo(settings, plan, console, settings.home.absolute() / "demo").run())
@@ -254,8 +263,10 @@ def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None
     console.rule("[bold]report[/]")
     console.print(Markdown(report.markdown()))
     out = settings.home.absolute() / "demo"
-    console.print(f"report: {out / 'report.md'} and {out / 'report.json'}; the stack keeps running: try "
-                  "`flywheel status`, `flywheel models " + agent_id + "`, `flywheel dashboard`, `flywheel down`")
+    console.print(
+        f"report: {out / 'report.md'} and {out / 'report.json'}; the stack keeps running: try "
+        "`flywheel status`, `flywheel models " + agent_id + "`, `flywheel dashboard`, `flywheel down`"
+    )
 
 
 @main.command()

@@ -72,8 +72,9 @@ class TeacherConfig(_Strict):
     url: str | None = Field(None, description="Overrides FLYWHEEL_TEACHER_URL for this agent")
     # The key of this agent's own teacher.url is read from the environment variable named here (never written in
     # agents.yaml); without it no key is sent there. FLYWHEEL_TEACHER_API_KEY goes to FLYWHEEL_TEACHER_URL only.
-    api_key_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
-                                    description="Environment variable holding the API key of teacher.url")
+    api_key_env: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Environment variable holding the API key of teacher.url"
+    )
     timeout_s: float = Field(60.0, gt=0)
     max_tokens: int | None = Field(None, gt=0)
 

@@ -109,9 +109,7 @@ class AvroCodec:
             raise DecodeError("truncated", "empty payload (null value)")
         if len(data) < HEADER_LEN:
             if data[: len(MAGIC)] == MAGIC[: len(data)]:
-                raise DecodeError(
-                    "truncated", f"{len(data)} bytes, shorter than the {HEADER_LEN}-byte header"
-                )
+                raise DecodeError("truncated", f"{len(data)} bytes, shorter than the {HEADER_LEN}-byte header")
             raise DecodeError("not_single_object", "missing the Avro single-object marker C3 01")
         if data[:2] != MAGIC:
             raise DecodeError(
@@ -127,9 +125,7 @@ class AvroCodec:
         reader = self.latest[writer.record]
         body = io.BytesIO(data[HEADER_LEN:])
         try:
-            datum = fastavro.schemaless_reader(
-                body, writer.parsed, reader.parsed if reader is not writer else None
-            )
+            datum = fastavro.schemaless_reader(body, writer.parsed, reader.parsed if reader is not writer else None)
         except Exception as exc:  # fastavro raises many types (EOFError, IndexError, ValueError...)
             kind = "truncated" if self._decodes_when_padded(writer, data[HEADER_LEN:]) else "bad_body"
             what = "body ends early" if kind == "truncated" else "body does not decode"
@@ -163,6 +159,4 @@ class AvroCodec:
         try:
             return cls.model_validate(datum)  # type: ignore[return-value]
         except ValidationError as exc:
-            raise DecodeError(
-                "invalid", f"{name}: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}"
-            ) from exc
+            raise DecodeError("invalid", f"{name}: {exc.errors()[0]['msg']} at {exc.errors()[0]['loc']}") from exc

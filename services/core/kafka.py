@@ -68,9 +68,7 @@ def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
     return AIOKafkaProducer(**kwargs)
 
 
-def create_consumer(
-    settings: Settings, group_id: str | None, *topics: str, **overrides: Any
-) -> AIOKafkaConsumer:
+def create_consumer(settings: Settings, group_id: str | None, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
     # Offsets are committed by hand after the work is durable; a new group starts at the earliest record.
     kwargs = {
         **aiokafka_config(settings),

@@ -30,9 +30,7 @@ class TopicSpec:
 
     @property
     def dlq(self) -> TopicSpec:
-        return TopicSpec(
-            self.name + DLQ_SUFFIX, "dead_letter", 1, "as received", doc=f"undecodable {self.name}"
-        )
+        return TopicSpec(self.name + DLQ_SUFFIX, "dead_letter", 1, "as received", doc=f"undecodable {self.name}")
 
 
 REQUESTS = TopicSpec("flywheel.requests", "inference_request", 4, "conversation_id", doc="client requests")
@@ -41,9 +39,7 @@ INTERACTIONS = TopicSpec("flywheel.interactions", "interaction", 4, "request_id"
 DATASETS = TopicSpec("flywheel.datasets", "dataset_snapshot", 1, "agent_id", doc="curated snapshots")
 MODELS = TopicSpec("flywheel.models", "model_event", 1, "agent_id", doc="model lifecycle events")
 RETRAIN = TopicSpec("flywheel.retrain", "retrain_triggered", 1, "agent_id", doc="retrain triggers")
-CONTROL = TopicSpec(
-    "flywheel.control", "agent_control", 1, "agent_id", compacted=True, doc="run-time changes"
-)
+CONTROL = TopicSpec("flywheel.control", "agent_control", 1, "agent_id", compacted=True, doc="run-time changes")
 
 CATALOGUE: tuple[TopicSpec, ...] = (REQUESTS, RESPONSES, INTERACTIONS, DATASETS, MODELS, RETRAIN, CONTROL)
 

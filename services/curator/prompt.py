@@ -76,9 +76,7 @@ def build_prompt(agent: AgentConfig, train: Sequence[Mapping[str, Any]], few_sho
 
 
 def _placeholder(key: str) -> str:
-    return {"intent": "<intent>", "tool": "<tool>", "arguments": "{...}", "reply": "<short sentence>"}.get(
-        key, "..."
-    )
+    return {"intent": "<intent>", "tool": "<tool>", "arguments": "{...}", "reply": "<short sentence>"}.get(key, "...")
 
 
 def _ranked(counts: Counter[str]) -> list[tuple[str, int]]:

@@ -211,7 +211,10 @@ def build_snapshot(
     result = curate(pairs, agent, embed=embed)
     # Keyed by the normalised user turn: the same traffic replayed gives the same holdout (split.py).
     kept_train, kept_holdout = split(
-        result.kept, agent.validation.holdout_fraction, lambda p: normalise_text(p.user_text), lambda p: p.intent,
+        result.kept,
+        agent.validation.holdout_fraction,
+        lambda p: normalise_text(p.user_text),
+        lambda p: p.intent,
         tie=lambda p: p.request_id,
     )
     train = [dataset_record(p) for p in kept_train]
@@ -360,7 +363,6 @@ class Curator(LifecycleService):
             topic = topics.RETRAIN if isinstance(record, RetrainTriggered) else topics.DATASETS
             await self.publisher.send(topic, record, record.agent_id)
             self.stats[f"emitted_{record.SCHEMA}"] += 1
-
 
 
 async def _main(settings: Settings) -> None:

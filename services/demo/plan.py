@@ -74,9 +74,7 @@ def make_plan(
     by then (736 training pairs in one run against 935 in another, and a rejection)."""
     ordered = frequent_intents(workload)
     if n_intents < 1 or n_intents + held_back > len(ordered):
-        raise ValueError(
-            f"the demo needs {n_intents} + {held_back} intents but {workload.name} has {len(ordered)}"
-        )
+        raise ValueError(f"the demo needs {n_intents} + {held_back} intents but {workload.name} has {len(ordered)}")
     scale = 0.4 if short else 1.0
     # The student answers about 0.7 requests/s on 2 cores (batching barely helps: the prompt's prefill
     # dominates), so the live phases keep few requests in flight: at 8 (16 in the drift phase's two replays)
@@ -86,14 +84,40 @@ def make_plan(
         return max(50, int(full * scale))
 
     phases = (
-        Phase("grace", "grace period: the teacher answers everything", max(GRACE_REQUESTS, grace_conversations),
-              "train", concurrency=64, seed=7),
-        Phase("live", "live: the student serves, the teacher checks a shadow share", n(600), "test",
-              concurrency=student_concurrency, seed=11),
-        Phase("drift", "drift: held-back intents arrive", 500, "test", held_back_share=0.5,
-              concurrency=student_concurrency, seed=13),
-        Phase("recovery", "recovery: the retrained student serves the new mix", n(500), "test",
-              held_back_share=0.5, concurrency=student_concurrency, seed=17),
+        Phase(
+            "grace",
+            "grace period: the teacher answers everything",
+            max(GRACE_REQUESTS, grace_conversations),
+            "train",
+            concurrency=64,
+            seed=7,
+        ),
+        Phase(
+            "live",
+            "live: the student serves, the teacher checks a shadow share",
+            n(600),
+            "test",
+            concurrency=student_concurrency,
+            seed=11,
+        ),
+        Phase(
+            "drift",
+            "drift: held-back intents arrive",
+            500,
+            "test",
+            held_back_share=0.5,
+            concurrency=student_concurrency,
+            seed=13,
+        ),
+        Phase(
+            "recovery",
+            "recovery: the retrained student serves the new mix",
+            n(500),
+            "test",
+            held_back_share=0.5,
+            concurrency=student_concurrency,
+            seed=17,
+        ),
     )
     return DemoPlan(
         agent_id=agent_id or AGENT_FOR_WORKLOAD.get(workload.name, workload.name),

@@ -118,8 +118,10 @@ class PhaseFigures:
             return 1 - cost / base if base else 0.0
 
         return {
-            "cost_usd": self.cost_usd, "savings": saving(self.cost_usd),
-            "cost_self_hosted_usd": self_hosted, "savings_self_hosted": saving(self_hosted),
+            "cost_usd": self.cost_usd,
+            "savings": saving(self.cost_usd),
+            "cost_self_hosted_usd": self_hosted,
+            "savings_self_hosted": saving(self_hosted),
             "ideal_savings": saving(self.requests * per_answer_list) if self.student_answers else 0.0,
             "ideal_savings_self_hosted": saving(self.requests * per_answer_self) if self.student_answers else 0.0,
         }
@@ -181,11 +183,26 @@ class DemoReport:
     def totals(self) -> PhaseFigures:
         total = PhaseFigures("total", "all phases", self.started_at, self.finished_at)
         for p in self.phases:
-            for key in ("requests", "student", "teacher", "failed", "student_eligible", "fallbacks",
-                        "shadow_samples", "shadow_agreed", "gold_total", "gold_correct"):
+            for key in (
+                "requests",
+                "student",
+                "teacher",
+                "failed",
+                "student_eligible",
+                "fallbacks",
+                "shadow_samples",
+                "shadow_agreed",
+                "gold_total",
+                "gold_correct",
+            ):
                 setattr(total, key, getattr(total, key) + getattr(p, key))
-            for key in ("cost_usd", "teacher_only_cost_usd", "student_answers", "student_input_tokens",
-                        "student_output_tokens"):
+            for key in (
+                "cost_usd",
+                "teacher_only_cost_usd",
+                "student_answers",
+                "student_input_tokens",
+                "student_output_tokens",
+            ):
                 setattr(total, key, getattr(total, key) + getattr(p, key))
         total.teacher_p95_ms = max((p.teacher_p95_ms for p in self.phases), default=0.0)
         served = [p for p in self.phases if p.student]
@@ -203,7 +220,8 @@ class DemoReport:
             "coverage_holdout": self.holdout.get("coverage"),
             "agreement_live": sum(p.shadow_agreed for p in live) / shadow if shadow else None,
             "shadow_samples": shadow,
-            "fallback_rate": (sum(p.fallbacks for p in live) / s) if (s := sum(p.student_eligible for p in live))
+            "fallback_rate": (sum(p.fallbacks for p in live) / s)
+            if (s := sum(p.student_eligible for p in live))
             else None,
             "student_share": max((p.student_share for p in live), default=0.0),
             "cost_usd": total.cost_usd,
@@ -248,14 +266,23 @@ class DemoReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "agent_id": self.agent_id, "workload": self.workload, "gate_mode": self.gate_mode, "tier": self.tier,
-            "started_at": self.started_at.isoformat(), "finished_at": self.finished_at.isoformat(),
+            "agent_id": self.agent_id,
+            "workload": self.workload,
+            "gate_mode": self.gate_mode,
+            "tier": self.tier,
+            "started_at": self.started_at.isoformat(),
+            "finished_at": self.finished_at.isoformat(),
             **self.summary(),
             "phases": [
-                {**{k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(p).items()},
-                 "student_share": p.student_share, "fallback_rate": p.fallback_rate,
-                 "live_agreement": p.live_agreement, "gold_accuracy": p.gold_accuracy, "savings": p.savings,
-                 **p.prices(self.prices)}
+                {
+                    **{k: v.isoformat() if isinstance(v, datetime) else v for k, v in asdict(p).items()},
+                    "student_share": p.student_share,
+                    "fallback_rate": p.fallback_rate,
+                    "live_agreement": p.live_agreement,
+                    "gold_accuracy": p.gold_accuracy,
+                    "savings": p.savings,
+                    **p.prices(self.prices),
+                }
                 for p in self.phases
             ],
             "timeline": [{"at": t.at.isoformat(), "what": t.what} for t in self.timeline],

@@ -81,8 +81,9 @@ class Watch:
     agent_id: str
 
     def after(self, since: datetime) -> list[LifecycleEvent]:
-        return sorted((e for e in events_of(self.settings, self.agent_id) if e.created_at >= since),
-                      key=lambda e: e.created_at)
+        return sorted(
+            (e for e in events_of(self.settings, self.agent_id) if e.created_at >= since), key=lambda e: e.created_at
+        )
 
 
 class Demo:
@@ -113,8 +114,12 @@ class Demo:
         self.console.rule(f"[bold]{phase.title}[/]")
         stopped: object | None = None
         with Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(), console=self.console,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
         ) as bar:
             task = bar.add_task("requests", total=phase.requests, info="")
             results: list[ReplayResult] = []
@@ -159,15 +164,25 @@ class Demo:
             self.notes.append(f"{phase.name}: {errors} requests got an error response")
         return start, stopped
 
-    async def _replay(self, phase: Phase, intents, count: int, seed: int, into: ReplayResult,
-                      progress: Callable[[ReplayResult], None]) -> None:
+    async def _replay(
+        self, phase: Phase, intents, count: int, seed: int, into: ReplayResult, progress: Callable[[ReplayResult], None]
+    ) -> None:
         def copy(r: ReplayResult) -> None:
             into.answered, into.errors, into.served_by = r.answered, r.errors, r.served_by
             progress(r)
 
         done = await replay(
-            self.settings, self.plan.agent_id, self.plan.workload, count, None, list(intents), phase.split,
-            0.0, seed, concurrency=phase.concurrency, progress=copy,
+            self.settings,
+            self.plan.agent_id,
+            self.plan.workload,
+            count,
+            None,
+            list(intents),
+            phase.split,
+            0.0,
+            seed,
+            concurrency=phase.concurrency,
+            progress=copy,
         )
         copy(done)
 
@@ -219,8 +234,13 @@ class Demo:
         progress_file = progress_path(self.settings)
         deadline = time.monotonic() + self.plan.wait_training_s
         with Progress(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=self.console,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=self.console,
         ) as bar:
             task = bar.add_task("waiting for the curator's snapshot", total=None, info="")
             while time.monotonic() < deadline:
@@ -236,18 +256,33 @@ class Demo:
                     info = _read_progress(progress_file, self.plan.agent_id, snapshots[-1].snapshot_id)
                     if info is None:
                         counts = snapshots[-1].split_counts
-                        bar.update(task, description=f"training on snapshot {snapshots[-1].snapshot_id}",
-                                   info=f"train {counts.get('train', 0)}, holdout {counts.get('holdout', 0)}")
+                        bar.update(
+                            task,
+                            description=f"training on snapshot {snapshots[-1].snapshot_id}",
+                            info=f"train {counts.get('train', 0)}, holdout {counts.get('holdout', 0)}",
+                        )
                     elif info["step"] >= info["steps"]:
-                        bar.update(task, description="evaluating on the holdout", total=info["steps"],
-                                   completed=info["step"], info="")
+                        bar.update(
+                            task,
+                            description="evaluating on the holdout",
+                            total=info["steps"],
+                            completed=info["step"],
+                            info="",
+                        )
                     else:
-                        bar.update(task, description="training (LoRA)", total=info["steps"], completed=info["step"],
-                                   info=f"loss {info['loss']:.3f}, {info['examples_per_s']:.1f} ex/s, "
-                                        f"ETA {info['eta_s'] / 60:.1f} min")
+                        bar.update(
+                            task,
+                            description="training (LoRA)",
+                            total=info["steps"],
+                            completed=info["step"],
+                            info=f"loss {info['loss']:.3f}, {info['examples_per_s']:.1f} ex/s, "
+                            f"ETA {info['eta_s'] / 60:.1f} min",
+                        )
                 await asyncio.sleep(POLL_S)
-        raise DemoError(f"no gate verdict for {self.plan.agent_id} within {self.plan.wait_training_s:.0f} s; see "
-                        f"{self.settings.log_dir}/trainer.log and curator.log")
+        raise DemoError(
+            f"no gate verdict for {self.plan.agent_id} within {self.plan.wait_training_s:.0f} s; see "
+            f"{self.settings.log_dir}/trainer.log and curator.log"
+        )
 
     async def first_drift(self, since: datetime) -> RetrainTriggered | None:
         """The first drift trigger after ``since``, if the monitor has fired."""
@@ -278,10 +313,15 @@ class Demo:
             attempts += 1
             reasons = "; ".join(verdict.gate.reasons) if verdict.gate else ""
             self.console.print(f"[yellow]candidate rejected[/] ({reasons}): the curator waits for more data")
-            more = Phase(f"{attempt_traffic.name}-more", "more traffic after a rejected candidate",
-                         max(50, int(attempt_traffic.requests * self.agent.curation.retry_growth) + 50),
-                         attempt_traffic.split, attempt_traffic.held_back_share, attempt_traffic.concurrency,
-                         attempt_traffic.seed + 1000 * attempts)
+            more = Phase(
+                f"{attempt_traffic.name}-more",
+                "more traffic after a rejected candidate",
+                max(50, int(attempt_traffic.requests * self.agent.curation.retry_growth) + 50),
+                attempt_traffic.split,
+                attempt_traffic.held_back_share,
+                attempt_traffic.concurrency,
+                attempt_traffic.seed + 1000 * attempts,
+            )
             start, _ = await self.traffic(more)
             self.record_phase(more, start)
             verdict = await self.wait_training(start)
@@ -327,13 +367,17 @@ class Demo:
         self.record_phase(drift, start)
         trigger = fired if isinstance(fired, RetrainTriggered) else await self.wait_drift(start)
         if fired is not None:
-            self.console.print(f"  the drift phase stopped after {self.sent[drift.name]} of {drift.requests} "
-                               "requests: the monitor had fired", highlight=False)
+            self.console.print(
+                f"  the drift phase stopped after {self.sent[drift.name]} of {drift.requests} "
+                "requests: the monitor had fired",
+                highlight=False,
+            )
         if trigger is None:
             self.notes.append(f"the drift monitor did not fire within {plan.wait_drift_s:.0f} s of the drift phase")
             return self.report()
-        self.console.print(f"[yellow]drift detected[/]: {trigger.reason} {json.dumps(_brief(trigger.evidence))}",
-                           highlight=False)
+        self.console.print(
+            f"[yellow]drift detected[/]: {trigger.reason} {json.dumps(_brief(trigger.evidence))}", highlight=False
+        )
         verdict = await self.train_until_verdict(trigger.created_at - timedelta(seconds=1), drift)
         if verdict.kind != "promoted":
             self.notes.append("the retrained candidate was rejected: the previous student kept serving")
@@ -347,10 +391,16 @@ class Demo:
     def report(self) -> DemoReport:
         events = events_of(self.settings, self.plan.agent_id)
         report = DemoReport(
-            agent_id=self.plan.agent_id, workload=self.plan.workload, gate_mode=self.agent.validation.gate_mode,
-            tier=self.agent.tier, started_at=self.started, finished_at=utcnow(), phases=self.phases,
+            agent_id=self.plan.agent_id,
+            workload=self.plan.workload,
+            gate_mode=self.agent.validation.gate_mode,
+            tier=self.agent.tier,
+            started_at=self.started,
+            finished_at=utcnow(),
+            phases=self.phases,
             timeline=timeline(events, self.plan.agent_id, self.started - timedelta(seconds=1)),
-            holdout=self.holdout, notes=self.notes,
+            holdout=self.holdout,
+            notes=self.notes,
             prices=load_agents(self.settings.agents_file).tier(self.agent),
         )
         self.out_dir.mkdir(parents=True, exist_ok=True)

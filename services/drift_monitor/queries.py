@@ -32,8 +32,11 @@ def _window(columns: str) -> str:
 # tool and arguments), so live agreement is measured exactly as the validation agreement it is compared with.
 SHADOW_PAIRS_SQL = f"""
 SELECT request_id, teacher_content, student_content
-FROM ({_window("request_id, shadow, teacher_ran, student_ran, teacher_error, student_error, "
-               "teacher_content, student_content")})
+FROM ({
+    _window(
+        "request_id, shadow, teacher_ran, student_ran, teacher_error, student_error, teacher_content, student_content"
+    )
+})
 WHERE shadow AND teacher_ran AND student_ran AND teacher_error IS NULL AND student_error IS NULL
 ORDER BY request_id
 """

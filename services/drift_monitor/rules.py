@@ -246,11 +246,17 @@ def fallback_reference(
 def fallback_rate(fallbacks: int, eligible: int, reference: FallbackReference | None, drift: Drift) -> RuleResult:
     """The low-confidence fallback rate of student-eligible traffic against its reference."""
     if reference is None:
-        return _skip(FALLBACK, "no reference rate yet (the first window after the promotion is not over)",
-                     eligible, fallbacks)
+        return _skip(
+            FALLBACK, "no reference rate yet (the first window after the promotion is not over)", eligible, fallbacks
+        )
     if eligible < drift.min_samples:
-        return _skip(FALLBACK, f"{eligible} student-eligible requests, fewer than min_samples {drift.min_samples}",
-                     eligible, fallbacks, reference_source=reference.source)
+        return _skip(
+            FALLBACK,
+            f"{eligible} student-eligible requests, fewer than min_samples {drift.min_samples}",
+            eligible,
+            fallbacks,
+            reference_source=reference.source,
+        )
     observed = fallbacks / eligible
     limit = reference.rate + drift.fallback_rate_rise
     details: dict[str, Any] = {"rise": round(observed - reference.rate, 6), "reference_source": reference.source}
@@ -337,7 +343,8 @@ def cooldown_until(agent_id: str, events: Iterable[LifecycleEvent], drift: Drift
     hold back the drift monitor once it is live. Derived from the events (ClickHouse ``retrain_events`` and the
     topic), so it survives a restart."""
     times = [
-        e.created_at for e in events
+        e.created_at
+        for e in events
         if isinstance(e, RetrainTriggered) and e.agent_id == agent_id and e.reason != "grace_complete"
     ]
     return max(times) + timedelta(minutes=drift.cooldown_minutes) if times else None

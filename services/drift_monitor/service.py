@@ -188,7 +188,6 @@ class DriftMonitor(LifecycleService):
             self.stats[f"emitted_{record.reason}"] += 1
 
 
-
 def _with_details(result: rules.RuleResult, **details: Any) -> rules.RuleResult:
     return replace(result, details={**result.details, **details})
 

@@ -132,4 +132,3 @@ def costs(tier: Tier, teacher: Usage | None, student: Usage | None, teacher_esti
 
 def _price(prices: Prices, usage: Usage | None) -> float:
     return 0.0 if usage is None else prices.cost(usage.input_tokens, usage.output_tokens)
-

@@ -165,7 +165,10 @@ class Router:
         return await self._serve_direct(request, received_at, background_shadow=True)
 
     async def _serve_direct(
-        self, request: InferenceRequest, received_at: datetime, first: routing.Plan | None = None,
+        self,
+        request: InferenceRequest,
+        received_at: datetime,
+        first: routing.Plan | None = None,
         background_shadow: bool = False,
     ) -> Outcome:
         """One answer for the request by the routing rules (``first`` forces the first routing decision).

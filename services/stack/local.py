@@ -10,9 +10,7 @@ from pathlib import Path
 from services.core.settings import Settings
 from services.stack.process import Component, ProcessManager
 
-BROKER_NOTE = (
-    "memory storage: topics and offsets do not survive a broker restart (ClickHouse is the durable record)"
-)
+BROKER_NOTE = "memory storage: topics and offsets do not survive a broker restart (ClickHouse is the durable record)"
 
 
 @dataclass

@@ -127,9 +127,7 @@ async def serving_round_trip(settings: Settings) -> str:
     raise SmokeError("logger: the interaction did not reach ClickHouse within 20 s")
 
 
-def run_smoke(
-    settings: Settings, report: Callable[[SmokeResult], None] = lambda r: None
-) -> list[SmokeResult]:
+def run_smoke(settings: Settings, report: Callable[[SmokeResult], None] = lambda r: None) -> list[SmokeResult]:
     codec = AvroCodec()
     steps: list[tuple[str, Callable[[], str]]] = [
         ("kafka", lambda: asyncio.run(kafka_round_trip(settings, codec))),

@@ -129,8 +129,12 @@ class FastDecoder:
         torch = self.torch
         cache = DynamicCache()
         with torch.inference_mode():
-            self.body(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids)).unsqueeze(0),
-                      past_key_values=cache, use_cache=True)
+            self.body(
+                input_ids=torch.tensor([ids]),
+                position_ids=torch.arange(len(ids)).unsqueeze(0),
+                past_key_values=cache,
+                use_cache=True,
+            )
         layers = tuple((layer.keys.clone(), layer.values.clone()) for layer in cache.layers)
         self.prefix = PrefixCache(tuple(ids), layers)
 
@@ -225,8 +229,11 @@ class FastDecoder:
         """Each row's draft for this pass, and the (row in batch, column) positions needing full-vocabulary
         logits if the drafts hold."""
         drafts = [self._draft(r) for r in active]
-        free_at = [(b, len(row.feed) - 1 + k) for b, (row, draft) in enumerate(zip(active, drafts, strict=True))
-                   for k in self._free_positions(row, draft)]
+        free_at = [
+            (b, len(row.feed) - 1 + k)
+            for b, (row, draft) in enumerate(zip(active, drafts, strict=True))
+            for k in self._free_positions(row, draft)
+        ]
         return drafts, free_at
 
     def _free_map(self, free_at: list[tuple[int, int]], hidden: Any, index: tuple) -> Decisions:
@@ -264,8 +271,9 @@ class FastDecoder:
         prefix = self.prefix if active[0].prefix else None
         if prefix is not None:
             n = len(active)
-            cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1))
-                                                 for k, v in prefix.layers])
+            cache = DynamicCache(
+                ddp_cache_data=[(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in prefix.layers]
+            )
             mask = torch.ones((n, len(prefix.ids)), dtype=torch.long)
         else:
             cache = DynamicCache()
@@ -283,8 +291,9 @@ class FastDecoder:
                     step_mask[b, : len(seq)] = 1
                     positions[b] = torch.arange(row.pos, row.pos + width)
                 mask = torch.cat([mask, step_mask], dim=1)
-                hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                   past_key_values=cache, use_cache=True).last_hidden_state
+                hidden = self.body(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+                ).last_hidden_state
                 free = self._free_map(free_at, hidden, ([b for b, _ in free_at], [c for _, c in free_at]))
                 base = mask.shape[1] - width
                 for b, (row, draft) in enumerate(zip(active, drafts, strict=True)):

@@ -130,9 +130,11 @@ class StudentGenerator:
         end_id = min(eos) if self.tokenizer.eos_token_id is None else self.tokenizer.eos_token_id
         labels = [str(x) for x in spec.get("labels") or []]
         self.labels = (
-            LabelTrie(self.tokenizer, labels, str(spec.get("label_prefix") or ""), str(spec.get("label_suffix") or ""),
-                      end_id)
-            if labels else None
+            LabelTrie(
+                self.tokenizer, labels, str(spec.get("label_prefix") or ""), str(spec.get("label_suffix") or ""), end_id
+            )
+            if labels
+            else None
         )
         self.prefix_ids = shared_prefix_ids(self.tokenizer, self.system_prompt)
         self.fast = FastDecoder(self)
@@ -142,7 +144,8 @@ class StudentGenerator:
             tails = {str(k): str(v) for k, v in (spec.get("label_tails") or {}).items()}
             encoded = {
                 tuple(self.labels.sequences[label]): list(self.tokenizer.encode(tail, add_special_tokens=False))
-                for label, tail in tails.items() if label in self.labels.sequences
+                for label, tail in tails.items()
+                if label in self.labels.sequences
             }
             default = str(spec.get("default_tail") or "")
             self.fast.set_tails(encoded, list(self.tokenizer.encode(default, add_special_tokens=False)))
@@ -162,8 +165,9 @@ class StudentGenerator:
         if not ids:
             raise PromptError("PROMPT has no tokens")
         ids = fit_prompt(ids, self.max_prompt_tokens, self.prefix_ids)
-        shares = bool(self.prefix_ids) and len(ids) > len(self.prefix_ids) and ids[: len(self.prefix_ids)] == \
-            self.prefix_ids
+        shares = (
+            bool(self.prefix_ids) and len(ids) > len(self.prefix_ids) and ids[: len(self.prefix_ids)] == self.prefix_ids
+        )
         return Prepared(text, ids, shares)
 
     # Answers ------------------------------------------------------------------------------------------------
@@ -192,15 +196,22 @@ class StudentGenerator:
         """A row of the fast decoder for a prepared prompt (``index``: the caller's)."""
         cursor = self.labels.cursor(prep.text) if self.labels else NoLabels()
         skip = len(self.prefix_ids) if prep.shares_prefix else 0
-        return Row(index=index, cursor=cursor, feed=prep.ids[skip:], pos=skip,
-                   limit=int(limit or self.max_new_tokens), prefix=prep.shares_prefix)
+        return Row(
+            index=index,
+            cursor=cursor,
+            feed=prep.ids[skip:],
+            pos=skip,
+            limit=int(limit or self.max_new_tokens),
+            prefix=prep.shares_prefix,
+        )
 
     def finish_row(self, prep: Prepared, row: Row) -> Answer:
         """The answer of a decoded row."""
         return self._answer(prep, row.tokens, row.probs, row.cursor.start, row.cursor.end, row.passes)
 
-    def _answer(self, prep: Prepared, tokens: list[int], probs: list[float], start: int | None, end: int | None,
-                passes: int) -> Answer:
+    def _answer(
+        self, prep: Prepared, tokens: list[int], probs: list[float], start: int | None, end: int | None, passes: int
+    ) -> Answer:
         return Answer(
             text=self._text(tokens),
             confidence=self._confidence(tokens, probs, start, end),

@@ -58,7 +58,12 @@ class LabelCursor:
     def copy(self) -> LabelCursor:
         other = LabelCursor.__new__(LabelCursor)
         other.trie, other.tokens, other.start, other.end, other.node = (
-            self.trie, list(self.tokens), self.start, self.end, self.node)
+            self.trie,
+            list(self.tokens),
+            self.start,
+            self.end,
+            self.node,
+        )
         return other
 
     def allowed(self) -> list[int] | None:

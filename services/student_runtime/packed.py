@@ -34,7 +34,8 @@ def supports(body: Any) -> bool:
         return False
     attn = layers[0].self_attn
     return all(hasattr(attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj", "scaling")) and not any(
-        hasattr(attn, name) for name in ("q_norm", "k_norm"))
+        hasattr(attn, name) for name in ("q_norm", "k_norm")
+    )
 
 
 @dataclass(frozen=True)
@@ -105,8 +106,9 @@ class PackedForward:
             torch = self.torch
             biases = [m.bias if m.bias is not None else torch.zeros(m.weight.shape[0]) for m in modules]
             bias = torch.cat(biases) if any(m.bias is not None for m in modules) else None
-            return Fused(BF16Matmul(torch.cat([m.weight for m in modules])), bias,
-                         [int(m.weight.shape[0]) for m in modules])
+            return Fused(
+                BF16Matmul(torch.cat([m.weight for m in modules])), bias, [int(m.weight.shape[0]) for m in modules]
+            )
 
         attn, mlp = layer.self_attn, layer.mlp
         qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
@@ -120,8 +122,10 @@ class PackedForward:
         torch = self.torch
         shape = (rows, length, self.kv_heads, self.head_dim)
         # Zeros, not empty: a masked position still enters attention as 0 x value, and garbage can be NaN.
-        return KVBuffers([torch.zeros(shape, dtype=self.dtype) for _ in self.body.layers],
-                         [torch.zeros(shape, dtype=self.dtype) for _ in self.body.layers])
+        return KVBuffers(
+            [torch.zeros(shape, dtype=self.dtype) for _ in self.body.layers],
+            [torch.zeros(shape, dtype=self.dtype) for _ in self.body.layers],
+        )
 
     def grow(self, kv: KVBuffers, length: int) -> KVBuffers:
         """``kv`` with room for ``length`` positions per row, its contents kept."""
@@ -146,8 +150,14 @@ class PackedForward:
         widths = sorted(len(ids) for _, _, ids in feeds)
         whole = len(widths) * widths[-1]  # padded queries of one call
         # Short rows are the first k: the padded queries of the two calls, at the best k.
-        cost, cut = min(((k * widths[k - 1] + (len(widths) - k) * widths[-1], widths[k - 1])
-                         for k in range(1, len(widths)) if widths[k - 1] < widths[-1]), default=(whole, None))
+        cost, cut = min(
+            (
+                (k * widths[k - 1] + (len(widths) - k) * widths[-1], widths[k - 1])
+                for k in range(1, len(widths))
+                if widths[k - 1] < widths[-1]
+            ),
+            default=(whole, None),
+        )
         if cost > 0.7 * whole:  # a second call costs something too: only a clear saving splits
             cut = None
         if cut is None:
@@ -156,8 +166,9 @@ class PackedForward:
         long = [i for i, (_, _, ids) in enumerate(feeds) if len(ids) > cut]
         return [self._layout(feeds, short, kv), self._layout(feeds, long, kv)]
 
-    def _layout(self, feeds: list[tuple[int, int, list[int]]], chosen: list[int], kv: KVBuffers,
-                whole: bool = False) -> AttentionLayout:
+    def _layout(
+        self, feeds: list[tuple[int, int, list[int]]], chosen: list[int], kv: KVBuffers, whole: bool = False
+    ) -> AttentionLayout:
         torch = self.torch
         starts = [0]
         for _, _, ids in feeds:
@@ -178,9 +189,15 @@ class PackedForward:
         mask[:, :, 0] = True
         fed = [slot for slot, _, _ in group]
         pick = None if fed == list(range(kv.keys[0].shape[0])) else torch.tensor(fed, dtype=torch.long)
-        return AttentionLayout(None if whole else torch.tensor(tokens, dtype=torch.long),
-                               torch.tensor(padded_at, dtype=torch.long), len(group), widest, span,
-                               mask.unsqueeze(1), pick)
+        return AttentionLayout(
+            None if whole else torch.tensor(tokens, dtype=torch.long),
+            torch.tensor(padded_at, dtype=torch.long),
+            len(group),
+            widest,
+            span,
+            mask.unsqueeze(1),
+            pick,
+        )
 
     def _attend(self, layouts: list[AttentionLayout], q: Any, keys: Any, values: Any, scaling: float) -> Any:
         """Attention of the pass's queries over their rows' keys/values: ``[queries, heads x head dim]``."""
@@ -195,8 +212,13 @@ class PackedForward:
             if layout.pick is not None:
                 k, v = k.index_select(0, layout.pick), v.index_select(0, layout.pick)
             got = torch.nn.functional.scaled_dot_product_attention(
-                padded, k.transpose(1, 2), v.transpose(1, 2), attn_mask=layout.mask, scale=scaling,
-                enable_gqa=self.heads != self.kv_heads)
+                padded,
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=layout.mask,
+                scale=scaling,
+                enable_gqa=self.heads != self.kv_heads,
+            )
             got = got.transpose(1, 2).reshape(layout.rows * layout.widest, -1)[layout.padded_at]
             if layout.tokens is None:
                 return got

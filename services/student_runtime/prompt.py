@@ -78,8 +78,9 @@ def shared_prefix_ids(tokenizer: Any, system_prompt: str | None) -> list[int]:
     """The token ids every rendered one-user-turn prompt of this system prompt starts with (the system turn and
     the user turn's header): the longest common prefix of two renderings that differ only in the message."""
     probes = [
-        tokenizer.encode(render_prompt(tokenizer, [{"role": "user", "content": text}], system_prompt),
-                         add_special_tokens=False)
+        tokenizer.encode(
+            render_prompt(tokenizer, [{"role": "user", "content": text}], system_prompt), add_special_tokens=False
+        )
         for text in ("Alpha", "zulu 9")
     ]
     common = 0

@@ -64,8 +64,14 @@ def reference_decode(
     step_ids, step_pos = ids, positions
     with torch.inference_mode():
         for _ in range(limit):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                        use_cache=True, logits_to_keep=1)
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_pos,
+                past_key_values=past,
+                use_cache=True,
+                logits_to_keep=1,
+            )
             passes += 1
             past = out.past_key_values
             logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)

@@ -54,8 +54,14 @@ class Scheduler:
     g: StudentGenerator
     live: LiveBatch | None
 
-    def __init__(self, load: Callable[[], StudentGenerator], capacity: int, name: str = "student",
-                 report: Callable[[str], None] | None = None, load_timeout_s: float = 600.0) -> None:
+    def __init__(
+        self,
+        load: Callable[[], StudentGenerator],
+        capacity: int,
+        name: str = "student",
+        report: Callable[[str], None] | None = None,
+        load_timeout_s: float = 600.0,
+    ) -> None:
         if capacity < 1:
             raise ValueError(f"{name}: the scheduler's capacity must be >= 1, got {capacity}")
         self.capacity = int(capacity)

@@ -36,8 +36,10 @@ class BF16Matmul:
         try:
             packed = torch.ops.mkldnn._reorder_linear_weight(self.weight)
             probe = torch.zeros((2, self.weight.shape[1]), dtype=torch.bfloat16)
-            if torch.equal(torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""),
-                           torch.nn.functional.linear(probe, self.weight)):
+            if torch.equal(
+                torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], ""),
+                torch.nn.functional.linear(probe, self.weight),
+            ):
                 self.packed = packed
         except (AttributeError, RuntimeError):
             pass  # no oneDNN here: the plain call
@@ -58,8 +60,7 @@ def _linear_classes() -> tuple[type, type]:
             super().__init__()
             self.matmul = BF16Matmul(linear.weight)
             self.weight = nn.Parameter(self.matmul.weight, requires_grad=False)
-            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                      requires_grad=False)
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             out = self.matmul(x).to(x.dtype)
@@ -72,8 +73,7 @@ def _linear_classes() -> tuple[type, type]:
             scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
             self.register_buffer("qweight_t", torch.round(weight / scale[:, None]).to(torch.int8).t().contiguous())
             self.register_buffer("scale", scale)
-            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                      requires_grad=False)
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             shape = x.shape

@@ -105,25 +105,36 @@ def teacher_credentials(
         if teacher.api_key_env:
             value = environ.get(teacher.api_key_env)
             if not value:
-                raise ValueError(f"agents.{agent_id}.teacher.api_key_env: the environment variable "
-                                 f"{teacher.api_key_env} is not set (it holds the key of {teacher.url})")
+                raise ValueError(
+                    f"agents.{agent_id}.teacher.api_key_env: the environment variable "
+                    f"{teacher.api_key_env} is not set (it holds the key of {teacher.url})"
+                )
             key = SecretStr(value)
         if url in owner and _secret(keys[url]) != _secret(key):
-            raise ValueError(f"agents.{agent_id}.teacher: {teacher.url} is also the teacher of agent {owner[url]} "
-                             "with another key (teacher.api_key_env): one URL, one key")
+            raise ValueError(
+                f"agents.{agent_id}.teacher: {teacher.url} is also the teacher of agent {owner[url]} "
+                "with another key (teacher.api_key_env): one URL, one key"
+            )
         keys[url], owner[url] = key, agent_id
     return keys
 
 
-def teachers_for(settings: Settings, agents: Iterable[tuple[str, TeacherConfig]],
-                 environ: Mapping[str, str] | None = None, *, model_timeout_s: float = 60.0) -> dict[str, Teacher]:
+def teachers_for(
+    settings: Settings,
+    agents: Iterable[tuple[str, TeacherConfig]],
+    environ: Mapping[str, str] | None = None,
+    *,
+    model_timeout_s: float = 60.0,
+) -> dict[str, Teacher]:
     """One client per teacher URL, each with its own key (``teacher_credentials``); "" is the global teacher.
     Look an agent's teacher up with ``teacher_address``."""
     from services.teacher.openai_client import OpenAICompatibleTeacher
 
     keys = teacher_credentials(settings, agents, os.environ if environ is None else environ)
-    return {url: OpenAICompatibleTeacher(url or settings.teacher_url, key, timeout_s=model_timeout_s)
-            for url, key in keys.items()}
+    return {
+        url: OpenAICompatibleTeacher(url or settings.teacher_url, key, timeout_s=model_timeout_s)
+        for url, key in keys.items()
+    }
 
 
 def teacher_address(settings: Settings, teacher: TeacherConfig) -> str:

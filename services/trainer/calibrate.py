@@ -22,9 +22,7 @@ class Calibration:
     target: float
 
 
-def calibrate_threshold(
-    scored: Sequence[tuple[float, bool]], target: float, min_covered: int = 1
-) -> Calibration:
+def calibrate_threshold(scored: Sequence[tuple[float, bool]], target: float, min_covered: int = 1) -> Calibration:
     """The lowest confidence threshold t such that the answers with confidence >= t agree at rate >= target.
 
     ``scored`` holds (confidence, agreed) per holdout answer. Candidate thresholds are the observed

@@ -121,8 +121,13 @@ def write_snapshot(
     for name, rows in (("train.jsonl", train), ("holdout.jsonl", holdout)):
         lines = [
             json.dumps(
-                {"request_id": e.request_id, "intent": e.intent, "messages": e.messages, "target": e.target,
-                 "gold": e.gold},
+                {
+                    "request_id": e.request_id,
+                    "intent": e.intent,
+                    "messages": e.messages,
+                    "target": e.target,
+                    "gold": e.gold,
+                },
                 ensure_ascii=False,
                 sort_keys=True,
             )
@@ -325,9 +330,7 @@ def label_tails(targets: Iterable[str], prefix: str = LABEL_PREFIX, suffix: str 
     return tails, (overall.most_common(1)[0][0] if overall else "")
 
 
-def batches(
-    items: Sequence[Encoded], batch_size: int, seed: int, bucket: int = 16
-) -> list[list[Encoded]]:
+def batches(items: Sequence[Encoded], batch_size: int, seed: int, bucket: int = 16) -> list[list[Encoded]]:
     """One epoch's batches: shuffled with ``seed``, then within windows of ``bucket`` batches sorted by length
     so a batch pads little (padding is wasted compute on CPU), then the batches shuffled again."""
     rng = random.Random(seed)

@@ -137,9 +137,7 @@ class HoldoutReport:
         return [(j.confidence, j.agreed) for j in self.judged]
 
 
-def judge(
-    request_id: str, answer: str, confidence: float, target: str, gold: str | None, output: Output
-) -> Judged:
+def judge(request_id: str, answer: str, confidence: float, target: str, gold: str | None, output: Output) -> Judged:
     return Judged(
         request_id=request_id,
         answer=answer,

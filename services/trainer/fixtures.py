@@ -20,7 +20,11 @@ def _unit(seed: int, key: str) -> float:
 
 
 def workload_pairs(
-    data_dir: Path, workload: str = "banking77", intents: int = 20, per_intent: int = 50, seed: int = 0,
+    data_dir: Path,
+    workload: str = "banking77",
+    intents: int = 20,
+    per_intent: int = 50,
+    seed: int = 0,
     split: str = "all",
 ) -> list[Example]:
     """Up to ``per_intent`` teacher answers for each of the first ``intents`` intents (by frequency, ties by
@@ -58,20 +62,30 @@ def split_pairs(pairs: list[Example], holdout_fraction: float, seed: int = 0) ->
 
 
 def build_snapshot(
-    artifacts: Path, agent_id: str, data_dir: Path, intents: int = 5, per_intent: int = 10,
-    holdout_fraction: float = 0.2, seed: int = 0, workload: str = "banking77", system_prompt: str | None = None,
+    artifacts: Path,
+    agent_id: str,
+    data_dir: Path,
+    intents: int = 5,
+    per_intent: int = 10,
+    holdout_fraction: float = 0.2,
+    seed: int = 0,
+    workload: str = "banking77",
+    system_prompt: str | None = None,
 ) -> Path:
     """Write a snapshot under ``<artifacts>/datasets/<agent_id>/<snapshot_id>/`` and return its directory."""
     pairs = workload_pairs(data_dir, workload, intents, per_intent, seed)
     train, holdout = split_pairs(pairs, holdout_fraction, seed)
     labels = sorted({e.intent for e in pairs if e.intent})
     prompt = StagePrompt(
-        system_prompt or (
+        system_prompt
+        or (
             "You route customer messages. Answer with one JSON object with keys intent, tool, arguments, reply. "
             f"Intents: {', '.join(labels)}."
         ),
-        [[{"role": "user", "content": e.messages[-1]["content"]}, {"role": "assistant", "content": e.target}]
-         for e in train[:: max(1, len(train) // 3)][:3]],
+        [
+            [{"role": "user", "content": e.messages[-1]["content"]}, {"role": "assistant", "content": e.target}]
+            for e in train[:: max(1, len(train) // 3)][:3]
+        ],
     )
     blob = json.dumps([[e.request_id, e.target] for e in train + holdout]).encode()
     snapshot_id = hashlib.sha256(blob).hexdigest()[:16]

@@ -106,8 +106,14 @@ class JobResult:
             "gate": self.verdict.model_dump(),
             "labels": self.labels,
             "answers": [
-                {"request_id": j.request_id, "answer": j.answer, "confidence": j.confidence, "agreed": j.agreed,
-                 "compliant": j.compliant, "correct": j.correct}
+                {
+                    "request_id": j.request_id,
+                    "answer": j.answer,
+                    "confidence": j.confidence,
+                    "agreed": j.agreed,
+                    "compliant": j.compliant,
+                    "correct": j.correct,
+                }
                 for j in self.report.judged
             ],
         }
@@ -115,8 +121,11 @@ class JobResult:
 
 def config_hash(agent: AgentConfig, options: JobOptions) -> str:
     blob = json.dumps(
-        {"distillation": agent.distillation.model_dump(), "validation": agent.validation.model_dump(),
-         "system_prompt": options.system_prompt or ""},
+        {
+            "distillation": agent.distillation.model_dump(),
+            "validation": agent.validation.model_dump(),
+            "system_prompt": options.system_prompt or "",
+        },
         sort_keys=True,
     )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -129,8 +138,13 @@ def labels_of(examples: Sequence[D.Example]) -> list[str]:
 
 
 def student_spec(
-    base_path: str, adapter: str | None, labels: Sequence[str], system_prompt: str | None, max_new_tokens: int,
-    answer_template: dict[str, Any] | None = None, decode_hints: dict[str, Any] | None = None,
+    base_path: str,
+    adapter: str | None,
+    labels: Sequence[str],
+    system_prompt: str | None,
+    max_new_tokens: int,
+    answer_template: dict[str, Any] | None = None,
+    decode_hints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The spec dict ``StudentGenerator`` (and Triton, via spec.json) serves."""
     return {
@@ -160,12 +174,21 @@ def evaluate_formats(
         generator = StudentGenerator({**spec, "weight_format": fmt})
         reports[fmt] = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
         del generator
-        log.info("holdout (%s): %d answers in %.1fs, agreement %.4f, format %.4f", fmt, reports[fmt].size,
-                 time.monotonic() - t0, reports[fmt].agreement, reports[fmt].format_compliance)
+        log.info(
+            "holdout (%s): %d answers in %.1fs, agreement %.4f, format %.4f",
+            fmt,
+            reports[fmt].size,
+            time.monotonic() - t0,
+            reports[fmt].agreement,
+            reports[fmt].format_compliance,
+        )
     trials = {fmt: FormatTrial(fmt, r.agreement, r.format_compliance) for fmt, r in reports.items()}
     chosen = choose_format(trials["fp32"], [trials[f] for f in cfg.weight_formats], cfg.weight_format_tolerance)
-    log.info("weight format %s is served (%s)", chosen.weight_format, ", ".join(
-        f"{t.weight_format} {t.agreement:.4f}" for t in trials.values()))
+    log.info(
+        "weight format %s is served (%s)",
+        chosen.weight_format,
+        ", ".join(f"{t.weight_format} {t.agreement:.4f}" for t in trials.values()),
+    )
     report = reports[chosen.weight_format]
     report.format_agreements = {fmt: r.agreement for fmt, r in reports.items()}
     return report, {**spec, "weight_format": chosen.weight_format}
@@ -219,8 +242,7 @@ def run_job(
     skipped = 0
     for ex, target in zip(train_examples, targets, strict=True):
         text = render_prompt(tokenizer, ex.messages, system_prompt)
-        item = D.encode_example(tokenizer, text, target, eos_id, cfg.max_seq_len, prompt_limit=limit,
-                                prefix_ids=shared)
+        item = D.encode_example(tokenizer, text, target, eos_id, cfg.max_seq_len, prompt_limit=limit, prefix_ids=shared)
         if item is None:
             skipped += 1
         else:
@@ -233,8 +255,16 @@ def run_job(
     # Room for the longest trained answer plus a margin: a tight limit bounds a runaway answer's latency.
     max_new_tokens = min(256, answer_lengths[-1] + 16)
 
-    train = train_lora(model, encoded, cfg, pad_id, run_dir / "adapter", progress=progress,
-                       max_steps=options.max_steps, threads_setting=options.threads)
+    train = train_lora(
+        model,
+        encoded,
+        cfg,
+        pad_id,
+        run_dir / "adapter",
+        progress=progress,
+        max_steps=options.max_steps,
+        threads_setting=options.threads,
+    )
     del model
     labels = labels_of(train_examples)
     publish_dir, merged = train.adapter_dir, False
@@ -246,7 +276,11 @@ def run_job(
     spec = student_spec(
         str(publish_dir) if merged else base.path,
         None if merged else str(train.adapter_dir),
-        labels, system_prompt, max_new_tokens, template, hints,
+        labels,
+        system_prompt,
+        max_new_tokens,
+        template,
+        hints,
     )
     report, spec = evaluate_formats(agent, spec, holdout, prompts, options)
     hints["weight_format"] = spec["weight_format"]
@@ -265,17 +299,33 @@ def run_job(
         agent.validation,
     )
     result = JobResult(
-        agent_id=agent.agent_id, snapshot_id=snapshot.snapshot_id, base=base, run_dir=run_dir,
-        adapter_dir=train.adapter_dir, publish_dir=publish_dir, merged=merged, labels=labels,
-        max_new_tokens=max_new_tokens, system_prompt=system_prompt, answer_template=template, train=train,
+        agent_id=agent.agent_id,
+        snapshot_id=snapshot.snapshot_id,
+        base=base,
+        run_dir=run_dir,
+        adapter_dir=train.adapter_dir,
+        publish_dir=publish_dir,
+        merged=merged,
+        labels=labels,
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
+        answer_template=template,
+        train=train,
         report=report,
-        calibration=calibration, verdict=verdict, config_hash=chash, holdout_prompts=prompts,
-        decode_hints=hints, routing_calibration=routing,
+        calibration=calibration,
+        verdict=verdict,
+        config_hash=chash,
+        holdout_prompts=prompts,
+        decode_hints=hints,
+        routing_calibration=routing,
     )
     if routing.target != agent.validation.served_agreement:
-        log.warning("no confidence threshold reaches agreement %.3f on the served answers (served_agreement): "
-                    "routing uses the gate's threshold %s", agent.validation.served_agreement,
-                    calibration.threshold)
+        log.warning(
+            "no confidence threshold reaches agreement %.3f on the served answers (served_agreement): "
+            "routing uses the gate's threshold %s",
+            agent.validation.served_agreement,
+            calibration.threshold,
+        )
     (run_dir / "report.json").write_text(json.dumps(result.report_json(), indent=2, default=str) + "\n")
     log.info("gate (%s): %s %s", verdict.mode, "PASSED" if verdict.passed else "FAILED", "; ".join(verdict.reasons))
     return result

@@ -36,7 +36,10 @@ def code_version() -> str:
     try:
         out = subprocess.run(
             ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True, text=True, timeout=10, check=True,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -108,8 +111,9 @@ def finish(
     emit(candidate_event(result))
     metrics = result.metrics()
     if not result.verdict.passed:
-        event = _event(result, "rejected", metrics=metrics, gate=result.verdict,
-                       confidence_threshold=result.routing.threshold)
+        event = _event(
+            result, "rejected", metrics=metrics, gate=result.verdict, confidence_threshold=result.routing.threshold
+        )
         emit(event)
         return event
     if repo is None:
@@ -119,10 +123,10 @@ def finish(
         published = repo.publish_student(result.agent_id, student_spec_for(result), probe_prompt=probe)
     except PublishError as exc:
         log.error("publishing failed: %s", exc)
-        failed = GateVerdict(passed=False, mode=result.verdict.mode, reasons=[*result.verdict.reasons,
-                                                                               f"publish failed: {exc}"])
-        event = _event(result, "rejected", metrics=metrics, gate=failed,
-                       confidence_threshold=result.routing.threshold)
+        failed = GateVerdict(
+            passed=False, mode=result.verdict.mode, reasons=[*result.verdict.reasons, f"publish failed: {exc}"]
+        )
+        event = _event(result, "rejected", metrics=metrics, gate=failed, confidence_threshold=result.routing.threshold)
         emit(event)
         return event
     probes = result.holdout_prompts[:latency_probes]
@@ -130,10 +134,19 @@ def finish(
         lat = triton_latency(lambda p: repo.probe(published.model, published.version, p), probes)
         metrics = {**metrics, "latency_p95_ms": percentile(lat, 95), "latency_p50_ms": percentile(lat, 50)}
     event = _event(
-        result, "promoted", model_version=published.version, metrics=metrics, gate=result.verdict,
+        result,
+        "promoted",
+        model_version=published.version,
+        metrics=metrics,
+        gate=result.verdict,
         confidence_threshold=result.routing.threshold,
     )
     emit(event)
-    log.info("promoted %s version %d (agreement %.4f, threshold %s)", published.model, published.version,
-             metrics["agreement"], result.routing.threshold)
+    log.info(
+        "promoted %s version %d (agreement %.4f, threshold %s)",
+        published.model,
+        published.version,
+        metrics["agreement"],
+        result.routing.threshold,
+    )
     return event

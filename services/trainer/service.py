@@ -118,7 +118,10 @@ class Trainer:
         if done is not None:
             log.info(
                 "trainer: snapshot %s of %s already %s (version %s) before a restart; not trained again",
-                record.snapshot_id, record.agent_id, done.kind, done.model_version,
+                record.snapshot_id,
+                record.agent_id,
+                done.kind,
+                done.model_version,
             )
             return
         loop = asyncio.get_running_loop()
@@ -255,6 +258,3 @@ async def rollback_and_emit(settings: Settings, agent_id: str, version: int | No
     finally:
         await producer.stop()
     return event
-
-
-

@@ -112,7 +112,14 @@ def train_lora(
     per_epoch = math.ceil(len(encoded) / cfg.batch_size)
     log.info(
         "training: %d examples, batch %d, %.2f epochs = %d steps (warm-up %d), lr %g, LoRA r%d alpha%d on %s",
-        len(encoded), cfg.batch_size, cfg.epochs, steps, warmup, cfg.learning_rate, cfg.lora_r, cfg.lora_alpha,
+        len(encoded),
+        cfg.batch_size,
+        cfg.epochs,
+        steps,
+        warmup,
+        cfg.learning_rate,
+        cfg.lora_r,
+        cfg.lora_alpha,
         ",".join(cfg.target_modules),
     )
     started = last_log = time.monotonic()
@@ -144,12 +151,23 @@ def train_lora(
                 elapsed = now - started
                 eta = elapsed / step * (steps - step)
                 info = {
-                    "step": step, "steps": steps, "epoch": step / per_epoch, "loss": loss_value,
-                    "examples_per_s": seen / elapsed if elapsed else 0.0, "eta_s": eta, "elapsed_s": elapsed,
+                    "step": step,
+                    "steps": steps,
+                    "epoch": step / per_epoch,
+                    "loss": loss_value,
+                    "examples_per_s": seen / elapsed if elapsed else 0.0,
+                    "eta_s": eta,
+                    "elapsed_s": elapsed,
                 }
                 log.info(
                     "step %d/%d epoch %.2f loss %.4f %.1f ex/s elapsed %.0fs ETA %.0fs",
-                    step, steps, info["epoch"], loss_value, info["examples_per_s"], elapsed, eta,
+                    step,
+                    steps,
+                    info["epoch"],
+                    loss_value,
+                    info["examples_per_s"],
+                    elapsed,
+                    eta,
                 )
                 if progress:
                     progress(info)

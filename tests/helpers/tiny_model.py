@@ -155,8 +155,13 @@ def build_trained_tiny_student(path: Path, steps: int = 150, seed: int = 0) -> P
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     encoded = [
-        D.encode_example(tokenizer, render_prompt(tokenizer, [{"role": "user", "content": text}], TINY_SYSTEM),
-                         tiny_target(label, args), tokenizer.eos_token_id, 256)
+        D.encode_example(
+            tokenizer,
+            render_prompt(tokenizer, [{"role": "user", "content": text}], TINY_SYSTEM),
+            tiny_target(label, args),
+            tokenizer.eos_token_id,
+            256,
+        )
         for text, label, args in TINY_TRAINING
     ]
     batch = D.collate([e for e in encoded if e is not None], tokenizer.pad_token_id)

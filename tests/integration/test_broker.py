@@ -174,9 +174,7 @@ async def test_bad_payloads_land_in_dlq_and_the_next_record_is_served(
     assert not any(again.values())
 
 
-def test_faust_agent_consumes_one_topic_and_produces_another(
-    broker, settings: Settings, codec: AvroCodec
-) -> None:
+def test_faust_agent_consumes_one_topic_and_produces_another(broker, settings: Settings, codec: AvroCodec) -> None:
     """A faust-streaming worker with a table: its changelog topic is created up front with the source's
     partition count (otherwise faust fails with PartitionsMismatch on this broker)."""
     import faust

@@ -28,10 +28,20 @@ pytestmark = pytest.mark.integration
 RUN = uuid.uuid4().hex[:6]
 TOOLS = {"card_arrival": "card_delivery_status", "exchange_rate": "exchange_rates", "lost_or_stolen_card": "card_block"}
 TEXTS = {
-    "card_arrival": ["Where is my new card?", "My card still has not arrived", "When will my card come?",
-                     "How long until the card is delivered?", "Is my card on its way?", "card not here yet"],
-    "exchange_rate": ["What is the exchange rate for euros?", "How much is a dollar in pounds?",
-                      "Which rate do you use to convert currency?", "tell me today's rate for yen"],
+    "card_arrival": [
+        "Where is my new card?",
+        "My card still has not arrived",
+        "When will my card come?",
+        "How long until the card is delivered?",
+        "Is my card on its way?",
+        "card not here yet",
+    ],
+    "exchange_rate": [
+        "What is the exchange rate for euros?",
+        "How much is a dollar in pounds?",
+        "Which rate do you use to convert currency?",
+        "tell me today's rate for yen",
+    ],
     "lost_or_stolen_card": ["I lost my card", "Someone stole my wallet with my card", "my card is missing"],
 }
 
@@ -59,18 +69,34 @@ def cur_settings(broker, clickhouse, settings: Settings, tmp_path_factory) -> Se
     return settings.model_copy(update={"agents_file": agents_file})
 
 
-def interaction(agent: str, text: str, intent: str | None, content: str | None, *, error: str | None = None,
-                client_intent: str | None = None, teacher: bool = True, minutes_ago: float = 60) -> Interaction:
+def interaction(
+    agent: str,
+    text: str,
+    intent: str | None,
+    content: str | None,
+    *,
+    error: str | None = None,
+    client_intent: str | None = None,
+    teacher: bool = True,
+    minutes_ago: float = 60,
+) -> Interaction:
     when = utcnow() - timedelta(minutes=minutes_ago)
     answer = Answer(content=content, model="reference/banking77", latency_ms=5, error=error) if teacher else None
     student = None if teacher else Answer(content="{}", model="student", latency_ms=1, confidence=0.9)
     return Interaction(
-        request_id=uuid.uuid4().hex, conversation_id=uuid.uuid4().hex, agent_id=agent,
-        messages=[ChatMessage(role="user", content=text)], intent=client_intent,
+        request_id=uuid.uuid4().hex,
+        conversation_id=uuid.uuid4().hex,
+        agent_id=agent,
+        messages=[ChatMessage(role="user", content=text)],
+        intent=client_intent,
         metadata={"gold_intent": intent} if intent else {},
-        teacher=answer, student=student, served_by="teacher" if teacher else "student",
-        route_reason="grace_period" if teacher else "confident", training_candidate=teacher and error is None,
-        received_at=when, responded_at=when + timedelta(milliseconds=300),
+        teacher=answer,
+        student=student,
+        served_by="teacher" if teacher else "student",
+        route_reason="grace_period" if teacher else "confident",
+        training_candidate=teacher and error is None,
+        received_at=when,
+        responded_at=when + timedelta(milliseconds=300),
     )
 
 
@@ -83,8 +109,12 @@ def seed(settings: Settings, agent: str) -> list[Interaction]:
     recs += [
         interaction(agent, "Where is my new card?", "card_arrival", good("card_arrival")),  # duplicate input
         interaction(agent, "is my card lost?", "card_arrival", good("card_arrival", "I'm not sure about that.")),
-        interaction(agent, "block it", "lost_or_stolen_card",
-                    json.dumps({"intent": "lost_or_stolen_card", "tool": "teleport", "arguments": {}, "reply": "ok"})),
+        interaction(
+            agent,
+            "block it",
+            "lost_or_stolen_card",
+            json.dumps({"intent": "lost_or_stolen_card", "tool": "teleport", "arguments": {}, "reply": "ok"}),
+        ),
         interaction(agent, "rate please", "exchange_rate", '{"intent": "exch'),
         interaction(agent, "hello?", None, None, error="teacher timed out"),
         interaction(agent, "   ", "card_arrival", good("card_arrival")),
@@ -138,10 +168,12 @@ async def test_grace_labels_and_snapshot(cur_settings: Settings, embedder: Embed
         # Exactly once: a second round owes this agent nothing.
         assert [r for r in await asyncio.to_thread(curator.step, ch) if r.agent_id == agent] == []
 
-        sources = dict(ch.query(
-            "SELECT source, count() FROM intent_labels FINAL WHERE agent_id = {a:String} GROUP BY source",
-            parameters={"a": agent},
-        ).result_rows)
+        sources = dict(
+            ch.query(
+                "SELECT source, count() FROM intent_labels FINAL WHERE agent_id = {a:String} GROUP BY source",
+                parameters={"a": agent},
+            ).result_rows
+        )
         # clusters: the two student-only requests, the teacher's error, the broken JSON answer
         assert sources["teacher"] >= 13 and sources["client"] == 1 and sources["cluster"] == 4
         clusters = ch.query(

@@ -53,6 +53,6 @@ def test_default_base_loads_offline_caches_fp32_and_generates(base_cache: Path, 
 
     generator = StudentGenerator({"base_model": base.path, "max_new_tokens": 8})
     prompt = json.dumps([{"role": "user", "content": "What is the capital of France?"}])
-    (text, confidence), = generator.generate([prompt])
+    ((text, confidence),) = generator.generate([prompt])
     assert text.strip() and 0.0 < confidence <= 1.0
     assert os.environ["HF_HUB_OFFLINE"] == "1"

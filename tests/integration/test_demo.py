@@ -34,8 +34,13 @@ def demo_settings(broker, clickhouse, triton, teacher, settings: Settings, stack
     agent = {
         "teacher": {"model": "reference/banking77"},
         "grace_period": {"min_conversations": 40, "min_unique_intents": 4},
-        "distillation": {"base_model": str(base), "epochs": 1, "learning_rate": 0.001, "max_train_examples": 48,
-                         "max_seq_len": 128},
+        "distillation": {
+            "base_model": str(base),
+            "epochs": 1,
+            "learning_rate": 0.001,
+            "max_train_examples": 48,
+            "max_seq_len": 128,
+        },
         # A tiny random model cannot agree with the teacher: the gate is open so the run follows the promotion
         # path (the gate has its own tests). The teacher shadows every answer, so every request has an intent.
         "validation": {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0},
@@ -55,14 +60,19 @@ def demo_settings(broker, clickhouse, triton, teacher, settings: Settings, stack
 async def test_the_demo_turns_the_flywheel_and_reports_it(demo_settings: Settings, tmp_path) -> None:
     check_fresh(demo_settings, AGENT)  # a new agent: nothing in the store yet
     plan = DemoPlan(
-        agent_id=AGENT, workload="banking77", intents=INTENTS, held_back=HELD_BACK,
+        agent_id=AGENT,
+        workload="banking77",
+        intents=INTENTS,
+        held_back=HELD_BACK,
         phases=(
             Phase("grace", "grace", 48, "train", concurrency=16, seed=3),
             Phase("live", "live", 12, "test", concurrency=4, seed=5),
             Phase("drift", "drift", 24, "test", held_back_share=0.75, concurrency=4, seed=7),
             Phase("recovery", "recovery", 8, "test", held_back_share=0.5, concurrency=4, seed=9),
         ),
-        wait_training_s=600, wait_drift_s=240, retries=0,
+        wait_training_s=600,
+        wait_drift_s=240,
+        retries=0,
     )
     out = io.StringIO()
     report = await Demo(demo_settings, plan, Console(file=out, width=140), tmp_path).run()
@@ -85,8 +95,17 @@ async def test_the_demo_turns_the_flywheel_and_reports_it(demo_settings: Setting
     assert recovery.requests == 8 and report.notes == []
 
     saved = json.loads((tmp_path / "report.json").read_text())
-    for key in ("agreement_holdout", "agreement_live", "fallback_rate", "student_share", "cost_usd",
-                "teacher_only_cost_usd", "savings_pct", "teacher_p95_ms", "student_p95_ms"):
+    for key in (
+        "agreement_holdout",
+        "agreement_live",
+        "fallback_rate",
+        "student_share",
+        "cost_usd",
+        "teacher_only_cost_usd",
+        "savings_pct",
+        "teacher_p95_ms",
+        "student_p95_ms",
+    ):
         assert key in saved, key
     assert saved["requests"] == 68 + drift.requests and len(saved["timeline"]) == len(report.timeline)
     md = (tmp_path / "report.md").read_text()

@@ -78,20 +78,35 @@ def good(intent: str) -> str:
     return json.dumps({"intent": intent, "tool": TOOLS.get(intent, "none"), "arguments": {}, "reply": "Sure."})
 
 
-def interaction(agent: str, when: datetime, route: str, *, teacher: str | None = None, student: str | None = None,
-                client_intent: str | None = None, confidence: float = 0.95) -> Interaction:
+def interaction(
+    agent: str,
+    when: datetime,
+    route: str,
+    *,
+    teacher: str | None = None,
+    student: str | None = None,
+    client_intent: str | None = None,
+    confidence: float = 0.95,
+) -> Interaction:
     """route: shadow (student served, teacher in the background), confident (student only) or
     low_confidence (the student was unsure: the teacher served)."""
     t = Answer(content=good(teacher), model="reference/banking77", latency_ms=5) if teacher else None
     s = Answer(content=good(student), model="student", latency_ms=2, confidence=confidence) if student else None
     return Interaction(
-        request_id=uuid.uuid4().hex, conversation_id=uuid.uuid4().hex, agent_id=agent,
+        request_id=uuid.uuid4().hex,
+        conversation_id=uuid.uuid4().hex,
+        agent_id=agent,
         messages=[ChatMessage(role="user", content=f"request for {teacher or student or client_intent}")],
-        intent=client_intent, teacher=t, student=s,
+        intent=client_intent,
+        teacher=t,
+        student=s,
         served_by="teacher" if route == "low_confidence" else "student",
         route_reason="low_confidence" if route == "low_confidence" else "confident",
-        shadow=route == "shadow", training_candidate=route == "low_confidence", lifecycle_stage="live",
-        received_at=when, responded_at=when + timedelta(milliseconds=200),
+        shadow=route == "shadow",
+        training_candidate=route == "low_confidence",
+        lifecycle_stage="live",
+        received_at=when,
+        responded_at=when + timedelta(milliseconds=200),
     )
 
 
@@ -101,17 +116,28 @@ def spread(start: datetime, end: datetime, n: int = N) -> list[datetime]:
 
 def promotion(agent: str, at: datetime, version: int = 1, **metrics: float) -> ModelEvent:
     return ModelEvent(
-        agent_id=agent, kind="promoted", model_name=f"student_{agent}", model_version=version,
-        snapshot_id=f"ds-{agent}", metrics={"agreement": 0.95, **metrics},
+        agent_id=agent,
+        kind="promoted",
+        model_name=f"student_{agent}",
+        model_version=version,
+        snapshot_id=f"ds-{agent}",
+        metrics={"agreement": 0.95, **metrics},
         confidence_threshold=0.8 if "coverage" in metrics else None,
-        lineage={"snapshot_id": f"ds-{agent}"}, created_at=at,
+        lineage={"snapshot_id": f"ds-{agent}"},
+        created_at=at,
     )
 
 
 def snapshot(agent: str, at: datetime) -> DatasetSnapshot:
     return DatasetSnapshot(
-        snapshot_id=f"ds-{agent}", agent_id=agent, version=1, content_hash=f"h-{agent}", uri=f"file:///ds/{agent}",
-        split_counts={"train": 80, "holdout": 10}, intent_counts=TRAINED, created_at=at,
+        snapshot_id=f"ds-{agent}",
+        agent_id=agent,
+        version=1,
+        content_hash=f"h-{agent}",
+        uri=f"file:///ds/{agent}",
+        split_counts={"train": 80, "holdout": 10},
+        intent_counts=TRAINED,
+        created_at=at,
     )
 
 
@@ -125,40 +151,59 @@ def world(now: datetime) -> tuple[list[Record], list[Record], list[Interaction]]
     # Agreement drift: the student disagrees with the teacher on 24 of 40 shadow samples (0.40 vs 0.95).
     a = aid("agree")
     events.append(promotion(a, promoted_at))
-    rows += [interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + (i % 5 < 3)) % 3])
-             for i, t in enumerate(spread(begin, end))]
+    rows += [
+        interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + (i % 5 < 3)) % 3])
+        for i, t in enumerate(spread(begin, end))
+    ]
     # Intent shift: half the traffic asks about an intent the student never saw (labelled by the client).
     a = aid("intent")
     events.append(promotion(a, promoted_at))
-    rows += [interaction(a, t, "confident", student="card_arrival",
-                         client_intent="crypto_wallet" if i % 2 else intents[i % 3])
-             for i, t in enumerate(spread(begin, end))]
+    rows += [
+        interaction(
+            a, t, "confident", student="card_arrival", client_intent="crypto_wallet" if i % 2 else intents[i % 3]
+        )
+        for i, t in enumerate(spread(begin, end))
+    ]
     # Fallback rise: calibrated at coverage 0.9 (10 % fallbacks expected), 60 % fall back.
     a = aid("fallback")
     events.append(promotion(a, promoted_at, coverage=0.9))
-    rows += [interaction(a, t, "low_confidence", teacher=intents[i % 3], student=intents[i % 3], confidence=0.3)
-             if i % 5 < 3 else interaction(a, t, "confident", student=intents[i % 3])
-             for i, t in enumerate(spread(begin, end))]
+    rows += [
+        interaction(a, t, "low_confidence", teacher=intents[i % 3], student=intents[i % 3], confidence=0.3)
+        if i % 5 < 3
+        else interaction(a, t, "confident", student=intents[i % 3])
+        for i, t in enumerate(spread(begin, end))
+    ]
     # Healthy: agreeing shadows, trained intents, fallbacks at the calibrated rate: every rule judges, none fires.
     a = aid("healthy")
     events.append(promotion(a, promoted_at, coverage=0.9))
-    rows += [interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[i % 3]) if i < 25
-             else interaction(a, t, "low_confidence", teacher=intents[i % 3], student=intents[i % 3], confidence=0.3)
-             if i % 4 == 0 else interaction(a, t, "confident", student=intents[i % 3], client_intent=intents[i % 3])
-             for i, t in enumerate(spread(begin, end, 45))]
+    rows += [
+        interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[i % 3])
+        if i < 25
+        else interaction(a, t, "low_confidence", teacher=intents[i % 3], student=intents[i % 3], confidence=0.3)
+        if i % 4 == 0
+        else interaction(a, t, "confident", student=intents[i % 3], client_intent=intents[i % 3])
+        for i, t in enumerate(spread(begin, end, 45))
+    ]
     # Fresh: the old student disagreed, then a new one was promoted: its window starts clean (10 requests since).
     a = aid("fresh")
     events += [promotion(a, promoted_at), promotion(a, now - timedelta(minutes=1.5), version=2)]
-    rows += [interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + 1) % 3])
-             for i, t in enumerate(spread(begin, now - timedelta(minutes=2)))]
-    rows += [interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + 1) % 3])
-             for i, t in enumerate(spread(now - timedelta(minutes=1.4), end, 10))]
+    rows += [
+        interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + 1) % 3])
+        for i, t in enumerate(spread(begin, now - timedelta(minutes=2)))
+    ]
+    rows += [
+        interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + 1) % 3])
+        for i, t in enumerate(spread(now - timedelta(minutes=1.4), end, 10))
+    ]
     # Late: drifts like "agree", but its promotion is only announced after the monitor's restart.
     a = aid("late")
     late = promotion(a, promoted_at)
-    rows += [interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + 1) % 3]) if i % 2
-             else interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[i % 3])
-             for i, t in enumerate(spread(begin, end))]
+    rows += [
+        interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[(i + 1) % 3])
+        if i % 2
+        else interaction(a, t, "shadow", teacher=intents[i % 3], student=intents[i % 3])
+        for i, t in enumerate(spread(begin, end))
+    ]
     return events, [late], rows
 
 
@@ -252,12 +297,18 @@ async def test_one_trigger_per_drift_none_in_cooldown_nor_for_healthy_traffic(
     await publish(dm_settings, events + rows)
     # Through the logger into ClickHouse: the monitor reads the lifecycle from there at start.
     in_list = "has({agents:Array(String)}, agent_id)"
-    await wait_for(lambda: count(dm_settings, f"SELECT count() FROM interactions WHERE {in_list}") == len(rows),
-                   "every interaction in ClickHouse")
-    await wait_for(lambda: count(dm_settings, f"SELECT count() FROM model_events WHERE {in_list}") == 6,
-                   "the promotions in ClickHouse")
-    await wait_for(lambda: count(dm_settings, f"SELECT count() FROM datasets WHERE {in_list}") == len(AGENTS),
-                   "the snapshots in ClickHouse")
+    await wait_for(
+        lambda: count(dm_settings, f"SELECT count() FROM interactions WHERE {in_list}") == len(rows),
+        "every interaction in ClickHouse",
+    )
+    await wait_for(
+        lambda: count(dm_settings, f"SELECT count() FROM model_events WHERE {in_list}") == 6,
+        "the promotions in ClickHouse",
+    )
+    await wait_for(
+        lambda: count(dm_settings, f"SELECT count() FROM datasets WHERE {in_list}") == len(AGENTS),
+        "the snapshots in ClickHouse",
+    )
 
     start_monitor(stack_manager, dm_settings)
     expected = {aid("agree"): ["agreement_drift"], aid("intent"): ["intent_shift"], aid("fallback"): ["fallback_rate"]}
@@ -289,8 +340,10 @@ async def test_one_trigger_per_drift_none_in_cooldown_nor_for_healthy_traffic(
     assert evidence[aid("fallback")]["rules"]["agreement_drift"]["why"].startswith("0 shadow samples")
 
     # The logger writes the triggers to ClickHouse: the durable record the cool-down is derived from.
-    await wait_for(lambda: count(dm_settings, f"SELECT count() FROM retrain_events WHERE {in_list}") == 3,
-                   "the triggers in retrain_events")
+    await wait_for(
+        lambda: count(dm_settings, f"SELECT count() FROM retrain_events WHERE {in_list}") == 3,
+        "the triggers in retrain_events",
+    )
     # Each retrain is rejected: the old students serve on (stage live again) and their drift is still there,
     # but the cool-down holds, in the running monitor ...
     rejected = [ModelEvent(agent_id=a, kind="rejected", model_name=f"student_{a}") for a in expected]

@@ -94,8 +94,9 @@ async def test_service_trains_gates_publishes_and_announces(stack: Settings, tin
     producer = create_producer(stack)
     await producer.start()
     try:
-        record = DatasetSnapshot(snapshot_id=snap.snapshot_id, agent_id=agent_id, version=1, content_hash="x",
-                                 uri=str(folder))
+        record = DatasetSnapshot(
+            snapshot_id=snap.snapshot_id, agent_id=agent_id, version=1, content_hash="x", uri=str(folder)
+        )
         await Publisher(producer, AvroCodec()).send(topics.DATASETS, record, agent_id)
         events = await model_events(stack, agent_id, "promoted")
     finally:
@@ -114,9 +115,11 @@ async def test_service_trains_gates_publishes_and_announces(stack: Settings, tin
     text, confidence = repo.probe(model, promoted.model_version, json.dumps(snap.holdout[0].messages))
     assert 0.0 <= confidence <= 1.0 and isinstance(text, str)
     spec = json.loads((repo.model_dir(model) / str(promoted.model_version) / "spec.json").read_text())
-    assert spec["labels"] and spec["label_prefix"] == '{"intent": "' and (
-        repo.model_dir(model) / str(promoted.model_version) / "adapter" / "adapter_config.json"
-    ).is_file()
+    assert (
+        spec["labels"]
+        and spec["label_prefix"] == '{"intent": "'
+        and (repo.model_dir(model) / str(promoted.model_version) / "adapter" / "adapter_config.json").is_file()
+    )
 
 
 def test_a_failing_gate_rejects_with_reasons_and_publishes_nothing(

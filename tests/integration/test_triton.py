@@ -283,9 +283,7 @@ def test_a_broken_version_leaves_the_previous_one_serving(
     assert repo.next_version(model) == serving + 2
 
 
-def test_a_version_whose_weight_format_cannot_load_is_not_served(
-    repo: ModelRepository, grpc, tiny_model: Path
-) -> None:
+def test_a_version_whose_weight_format_cannot_load_is_not_served(repo: ModelRepository, grpc, tiny_model: Path) -> None:
     model = student_model_name("support-desk")
     serving = repo.served_versions(model)[-1]
     expected = grpc_infer(grpc, model, [MESSAGES])[:2]
@@ -298,10 +296,10 @@ def test_a_version_whose_weight_format_cannot_load_is_not_served(
 def test_token_counts_and_bad_requests_in_a_batch(repo: ModelRepository, triton: TritonServer, tiny_model: Path
                                                   ) -> None:  # fmt: skip
     url = triton.endpoints()["triton_grpc"]
-    published = repo.publish_student("counter", StudentModelSpec(base_model=str(tiny_model), max_new_tokens=6,
-                                                                 weight_format="bf16"))
-    outputs = [grpcclient.InferRequestedOutput(n) for n in ("TEXT", "INPUT_TOKENS", "OUTPUT_TOKENS",
-                                                             "FORWARD_PASSES")]
+    published = repo.publish_student(
+        "counter", StudentModelSpec(base_model=str(tiny_model), max_new_tokens=6, weight_format="bf16")
+    )
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("TEXT", "INPUT_TOKENS", "OUTPUT_TOKENS", "FORWARD_PASSES")]
     bad_role = json.dumps([{"role": "robot", "content": "hi"}])
     results: dict[str, object] = {}
 
@@ -314,8 +312,13 @@ def test_token_counts_and_bad_requests_in_a_batch(repo: ModelRepository, triton:
         except Exception as exc:  # the error is the result
             results[name] = exc
 
-    cases = {"good": MESSAGES.encode(), "empty": b"", "role": bad_role.encode(), "binary": b"\xff\xfe",
-             "good2": MESSAGES.encode()}
+    cases = {
+        "good": MESSAGES.encode(),
+        "empty": b"",
+        "role": bad_role.encode(),
+        "binary": b"\xff\xfe",
+        "good2": MESSAGES.encode(),
+    }
     # Sent together, so Triton's dynamic batcher puts them in one batch: the bad ones fail, the good answered.
     threads = [threading.Thread(target=ask, args=item) for item in cases.items()]
     for thread in threads:

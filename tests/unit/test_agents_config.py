@@ -67,10 +67,14 @@ def test_bad_values_are_named(entry: dict, named: str) -> None:
 
 
 def test_a_distillation_profile_fills_only_the_keys_not_written() -> None:
-    agents = parse_agents({"agents": {
-        "small": {"distillation": {"profile": "small-cpu", "epochs": 2}},
-        "big": {"distillation": {"profile": "seed"}},
-    }})
+    agents = parse_agents(
+        {
+            "agents": {
+                "small": {"distillation": {"profile": "small-cpu", "epochs": 2}},
+                "big": {"distillation": {"profile": "seed"}},
+            }
+        }
+    )
     small, big = agents.agent("small").distillation, agents.agent("big").distillation
     assert (small.learning_rate, small.epochs) == (1e-3, 2)  # the profile's rate, the agent's own epochs
     assert small.target_modules[-3:] == ["gate_proj", "up_proj", "down_proj"]

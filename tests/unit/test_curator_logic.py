@@ -199,8 +199,14 @@ def test_the_same_traffic_replayed_gives_the_same_holdout_and_no_message_on_both
 
     first = _records({"card_arrival": 40, "exchange_rate": 20})
     # A replay: the same messages under new request ids, in another order, written slightly differently.
-    replay = [{**r, "request_id": f"replay-{i}", "messages": [{"role": "user", "content": "  " +
-              r["messages"][-1]["content"].upper() + "!"}]} for i, r in enumerate(reversed(first))]
+    replay = [
+        {
+            **r,
+            "request_id": f"replay-{i}",
+            "messages": [{"role": "user", "content": "  " + r["messages"][-1]["content"].upper() + "!"}],
+        }
+        for i, r in enumerate(reversed(first))
+    ]
 
     def user_key(r: dict) -> str:
         return normalise_text(r["messages"][-1]["content"])
@@ -220,8 +226,13 @@ def test_snapshot_files_are_byte_identical_and_content_addressed(tmp_path) -> No
     train, holdout = split(records, 0.15, lambda r: r["request_id"], lambda r: r["intent"])
     prompt = build_prompt(AGENT, train)
     kw = dict(
-        version=1, parent_snapshot_id=None, trigger_reason="grace_complete", source_query="SELECT 1",
-        time_from=None, time_to=NOW, filter_stats={"kept": 30},
+        version=1,
+        parent_snapshot_id=None,
+        trigger_reason="grace_complete",
+        source_query="SELECT 1",
+        time_from=None,
+        time_to=NOW,
+        filter_stats={"kept": 30},
     )
     a = write_snapshot(tmp_path / "a", "bot", train, holdout, prompt, **kw)
     b = write_snapshot(tmp_path / "b", "bot", train, holdout, prompt, **kw)

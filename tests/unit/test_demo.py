@@ -57,11 +57,32 @@ def _phase(name: str, **kw: float) -> PhaseFigures:
 
 def test_report_figures_and_markdown() -> None:
     grace = _phase("grace", requests=100, teacher=100, cost_usd=1.0, teacher_only_cost_usd=1.0, teacher_p95_ms=700)
-    live = _phase("live", requests=100, student=96, teacher=4, student_eligible=100, fallbacks=4, shadow_samples=10,
-                  shadow_agreed=9, gold_total=100, gold_correct=80, cost_usd=0.5, teacher_only_cost_usd=1.0,
-                  teacher_p95_ms=650, student_p95_ms=300)
-    report = DemoReport("support-bot", "banking77", "selective", "cost-optimized", T0, T0 + timedelta(minutes=30),
-                        [grace, live], holdout={"agreement": 0.8, "selective_agreement": 0.95, "coverage": 0.7})
+    live = _phase(
+        "live",
+        requests=100,
+        student=96,
+        teacher=4,
+        student_eligible=100,
+        fallbacks=4,
+        shadow_samples=10,
+        shadow_agreed=9,
+        gold_total=100,
+        gold_correct=80,
+        cost_usd=0.5,
+        teacher_only_cost_usd=1.0,
+        teacher_p95_ms=650,
+        student_p95_ms=300,
+    )
+    report = DemoReport(
+        "support-bot",
+        "banking77",
+        "selective",
+        "cost-optimized",
+        T0,
+        T0 + timedelta(minutes=30),
+        [grace, live],
+        holdout={"agreement": 0.8, "selective_agreement": 0.95, "coverage": 0.7},
+    )
     assert live.student_share == 0.96 and live.fallback_rate == 0.04 and live.live_agreement == 0.9
     assert live.savings == 0.5 and grace.live_agreement is None and grace.fallback_rate == 0.0
     summary = report.summary()
@@ -77,20 +98,41 @@ def test_report_figures_and_markdown() -> None:
     md = report.markdown()
     assert "| live | 100 | 96.0 % | 4.0 % | 90.0 % (10) | 80.0 % | $0.5000 | $1.0000 | 50.0 % | 650 ms | 300 ms |" in md
     assert "| total | 200 |" in md and "quality gate `selective`" in md
-    assert "Live phase: the student served 96.0 % (fallback 4.0 %); what was served agreed with the teacher at " \
-           "0.904; saved 50.0 % at list prices" in md
+    assert (
+        "Live phase: the student served 96.0 % (fallback 4.0 %); what was served agreed with the teacher at "
+        "0.904; saved 50.0 % at list prices" in md
+    )
     assert report.to_json()["phases"][1]["student_share"] == 0.96
 
 
 def test_timeline_describes_the_lifecycle() -> None:
     events = [
         RetrainTriggered(agent_id="a", reason="grace_complete", created_at=T0),
-        DatasetSnapshot(snapshot_id="s1", agent_id="a", version=1, content_hash="h", uri="file:///x",
-                        split_counts={"train": 850, "holdout": 150}, created_at=T0 + timedelta(seconds=5)),
-        ModelEvent(agent_id="a", kind="rejected", model_name="student_a", gate=GateVerdict(
-            passed=False, mode="overall", reasons=["agreement 0.61 < 0.92"]), created_at=T0 + timedelta(seconds=9)),
-        ModelEvent(agent_id="a", kind="promoted", model_name="student_a", model_version=2,
-                   metrics={"agreement": 0.9}, confidence_threshold=0.8, created_at=T0 + timedelta(seconds=20)),
+        DatasetSnapshot(
+            snapshot_id="s1",
+            agent_id="a",
+            version=1,
+            content_hash="h",
+            uri="file:///x",
+            split_counts={"train": 850, "holdout": 150},
+            created_at=T0 + timedelta(seconds=5),
+        ),
+        ModelEvent(
+            agent_id="a",
+            kind="rejected",
+            model_name="student_a",
+            gate=GateVerdict(passed=False, mode="overall", reasons=["agreement 0.61 < 0.92"]),
+            created_at=T0 + timedelta(seconds=9),
+        ),
+        ModelEvent(
+            agent_id="a",
+            kind="promoted",
+            model_name="student_a",
+            model_version=2,
+            metrics={"agreement": 0.9},
+            confidence_threshold=0.8,
+            created_at=T0 + timedelta(seconds=20),
+        ),
         RetrainTriggered(agent_id="b", reason="manual", created_at=T0),
     ]
     entries = timeline(events, "a", T0)
@@ -115,19 +157,31 @@ def test_a_triggers_brief_keeps_its_summary_and_leaves_out_the_sql() -> None:
 def test_the_student_is_priced_at_list_and_self_hosted_prices_with_the_ideal_beside() -> None:
     from services.core.agents import Prices, SelfHosted, Tier
 
-    tier = Tier(teacher=Prices(input_per_1m=1.0, output_per_1m=2.0),
-                student=Prices(input_per_1m=0.5, output_per_1m=1.0),
-                student_self_hosted=SelfHosted(usd_per_hour=3.6, answers_per_s=1000))  # $0.000001 an answer
+    tier = Tier(
+        teacher=Prices(input_per_1m=1.0, output_per_1m=2.0),
+        student=Prices(input_per_1m=0.5, output_per_1m=1.0),
+        student_self_hosted=SelfHosted(usd_per_hour=3.6, answers_per_s=1000),
+    )  # $0.000001 an answer
     # 10 requests: 8 served by the student, 2 fell back to the teacher (both models billed for those).
     student_list = tier.student.cost(10 * 40, 10 * 10)  # 10 student answers of 40 tokens in, 10 out
     teacher = tier.teacher.cost(2 * 30, 2 * 40)
-    p = _phase("live", requests=10, student=8, teacher=2, student_answers=10, student_input_tokens=400,
-               student_output_tokens=100, cost_usd=student_list + teacher,
-               teacher_only_cost_usd=tier.teacher.cost(300, 400))
+    p = _phase(
+        "live",
+        requests=10,
+        student=8,
+        teacher=2,
+        student_answers=10,
+        student_input_tokens=400,
+        student_output_tokens=100,
+        cost_usd=student_list + teacher,
+        teacher_only_cost_usd=tier.teacher.cost(300, 400),
+    )
     got = p.prices(tier)
     assert got["cost_usd"] == pytest.approx(student_list + teacher)
     assert got["cost_self_hosted_usd"] == pytest.approx(teacher + 10 * 1e-6)
     assert got["savings_self_hosted"] > got["savings"]
     assert got["ideal_savings"] == pytest.approx(1 - 10 * (student_list / 10) / tier.teacher.cost(300, 400))
-    assert _phase("grace", requests=5, teacher=5, cost_usd=1.0, teacher_only_cost_usd=1.0).prices(tier)[
-        "ideal_savings"] == 0.0
+    assert (
+        _phase("grace", requests=5, teacher=5, cost_usd=1.0, teacher_only_cost_usd=1.0).prices(tier)["ideal_savings"]
+        == 0.0
+    )

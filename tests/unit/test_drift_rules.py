@@ -15,8 +15,15 @@ from services.drift_monitor import rules
 from services.drift_monitor.rules import FallbackReference
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
-DRIFT = Drift(window_minutes=60, min_samples=30, agreement_drop=0.05, unseen_intent_share=0.2,
-              fallback_rate_rise=0.15, alpha=0.01, cooldown_minutes=30)
+DRIFT = Drift(
+    window_minutes=60,
+    min_samples=30,
+    agreement_drop=0.05,
+    unseen_intent_share=0.2,
+    fallback_rate_rise=0.15,
+    alpha=0.01,
+    cooldown_minutes=30,
+)
 
 
 def at(minutes: float) -> datetime:
@@ -24,8 +31,9 @@ def at(minutes: float) -> datetime:
 
 
 def promoted(minutes: float = 0, version: int = 1, **kw) -> ModelEvent:
-    return ModelEvent(agent_id="a", kind="promoted", model_name="student_a", model_version=version,
-                      created_at=at(minutes), **kw)
+    return ModelEvent(
+        agent_id="a", kind="promoted", model_name="student_a", model_version=version, created_at=at(minutes), **kw
+    )
 
 
 # Statistics -------------------------------------------------------------------------------------------------
@@ -235,11 +243,16 @@ def test_cool_down_from_the_latest_trigger_and_the_stage() -> None:
 
 def test_current_model_and_its_snapshot() -> None:
     first = promoted(0, 1, snapshot_id="ds-1")
-    second = ModelEvent(agent_id="a", kind="rolled_back", model_name="student_a", model_version=3,
-                        lineage={"snapshot_id": "ds-0"}, created_at=at(5))
+    second = ModelEvent(
+        agent_id="a",
+        kind="rolled_back",
+        model_name="student_a",
+        model_version=3,
+        lineage={"snapshot_id": "ds-0"},
+        created_at=at(5),
+    )
     candidate = ModelEvent(agent_id="a", kind="candidate", model_name="student_a", created_at=at(9))
-    snapshot = DatasetSnapshot(snapshot_id="ds-2", agent_id="a", version=2, content_hash="h", uri="u",
-                               created_at=at(8))
+    snapshot = DatasetSnapshot(snapshot_id="ds-2", agent_id="a", version=2, content_hash="h", uri="u", created_at=at(8))
     assert rules.current_model("a", [first, second, candidate, snapshot]) is second
     assert rules.snapshot_of(second) == "ds-0" and rules.snapshot_of(first) == "ds-1"
     assert rules.current_model("b", [first]) is None
@@ -255,8 +268,13 @@ def test_evidence_names_window_figures_test_and_query() -> None:
     out = json.loads(json.dumps(out))  # JSON all the way down
     assert out["rule"] == "agreement_drift" and out["window"]["start"] == at(0).isoformat()
     assert out["window"]["end"] == at(30).isoformat() and out["window"]["minutes"] == 60
-    assert out["model"] == {"name": "student_a", "version": 2, "promoted_at": at(0).isoformat(),
-                            "snapshot_id": "ds-1", "validation_agreement": 0.95}
+    assert out["model"] == {
+        "name": "student_a",
+        "version": 2,
+        "promoted_at": at(0).isoformat(),
+        "snapshot_id": "ds-1",
+        "validation_agreement": 0.95,
+    }
     figures = out["figures"]
     assert figures["fired"] and figures["samples"] == 40 and figures["hits"] == 20 and figures["observed"] == 0.5
     assert 0 < figures["p_value"] < 1e-9 and figures["test"].startswith("exact binomial")

@@ -28,8 +28,14 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> StudentGenerator:
     base = build_trained_tiny_student(tmp_path_factory.mktemp("tiny-student"))
     tails, default = D.label_tails([tiny_target(label, args) for _, label, args in TINY_TRAINING])
     spec = {
-        "base_model": str(base), "max_new_tokens": 40, "labels": TINY_LABELS, "label_prefix": '{"intent": "',
-        "label_suffix": '"', "system_prompt": TINY_SYSTEM, "label_tails": tails, "default_tail": default,
+        "base_model": str(base),
+        "max_new_tokens": 40,
+        "labels": TINY_LABELS,
+        "label_prefix": '{"intent": "',
+        "label_suffix": '"',
+        "system_prompt": TINY_SYSTEM,
+        "label_tails": tails,
+        "default_tail": default,
         "max_prompt_tokens": 60,
     }
     return StudentGenerator(spec)
@@ -186,8 +192,9 @@ def test_serving_reads_a_long_prompt_as_training_did(student: StudentGenerator) 
     tok = student.tokenizer
     text = render_prompt(tok, messages, TINY_SYSTEM)
     target = tiny_target("lost_or_stolen_card", {})
-    trained = D.encode_example(tok, text, target, tok.eos_token_id, 256, prompt_limit=60,
-                               prefix_ids=shared_prefix_ids(tok, TINY_SYSTEM))
+    trained = D.encode_example(
+        tok, text, target, tok.eos_token_id, 256, prompt_limit=60, prefix_ids=shared_prefix_ids(tok, TINY_SYSTEM)
+    )
     assert trained is not None
     prompt_ids = [t for t, label in zip(trained.input_ids, trained.labels, strict=True) if label == D.IGNORE]
     assert student.prepare(json.dumps(messages)).ids == prompt_ids

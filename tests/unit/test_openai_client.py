@@ -291,8 +291,10 @@ async def test_each_teacher_url_gets_its_own_key_and_the_global_key_stays_home(
     assert other_server.headers[0]["Authorization"] == "Bearer sk-acme-777"
     assert "Authorization" not in other_server.headers[1] and len(other_server.seen) == 2
     # A key variable that is not set, and two keys for one URL, are refused naming the agent.
-    with pytest.raises(ValueError, match=re.escape("agents.acme-bot.teacher.api_key_env: the environment variable "
-                                                   "ACME_TEACHER_KEY is not set")):
+    with pytest.raises(
+        ValueError,
+        match=re.escape("agents.acme-bot.teacher.api_key_env: the environment variable ACME_TEACHER_KEY is not set"),
+    ):
         teacher_credentials(settings, agents[1:2], {})
     twice = [*agents[1:2], ("rival-bot", TeacherConfig(url=other_server.url, api_key_env="RIVAL_KEY"))]
     with pytest.raises(ValueError, match=r"agents\.rival-bot\.teacher: .* is also the teacher of agent acme-bot"):

@@ -21,8 +21,16 @@ class CountingStudent(StudentClient):
     """A student that answers at once, confidently, with the token counts Triton would report."""
 
     async def answer(self, agent_id, messages, tools=None, version=None) -> StudentAnswer:  # type: ignore[override]
-        return StudentAnswer(text=ANSWER, confidence=0.99, model=f"student_{agent_id}", model_version="1",
-                             latency_ms=5.0, input_tokens=40, output_tokens=12, forward_passes=2)
+        return StudentAnswer(
+            text=ANSWER,
+            confidence=0.99,
+            model=f"student_{agent_id}",
+            model_version="1",
+            latency_ms=5.0,
+            input_tokens=40,
+            output_tokens=12,
+            forward_passes=2,
+        )
 
 
 class GatedTeacher(ReferenceTeacher):
@@ -38,15 +46,18 @@ class GatedTeacher(ReferenceTeacher):
 def test_a_shadow_sample_answers_before_the_teacher_and_records_both_after() -> None:
     agents = load_agents(REPO_ROOT / "agents.yaml")
     bot = agents.agent("support-bot")
-    bot = bot.model_copy(update={"routing": bot.routing.model_copy(update={"shadow_rate": 1.0,
-                                                                             "canary_steps": [1.0]})})
+    bot = bot.model_copy(update={"routing": bot.routing.model_copy(update={"shadow_rate": 1.0, "canary_steps": [1.0]})})
     agents = agents.model_copy(update={"agents": {**agents.agents, "support-bot": bot}})
     teacher = GatedTeacher.from_data_dir(REPO_ROOT / "data", flaw_rate=0.0, latency_ms=0.0)
     router = Router(Settings(), agents, {"": teacher}, CountingStudent("127.0.0.1:1"), rng=random.Random(0))
     router.state.apply_lifecycle(
-        ModelEvent(agent_id="support-bot", kind="promoted", model_name="student_support-bot", model_version=1))
-    request = InferenceRequest(conversation_id="c", agent_id="support-bot",
-                               messages=[ChatMessage(role="user", content="When will my card arrive?")])
+        ModelEvent(agent_id="support-bot", kind="promoted", model_name="student_support-bot", model_version=1)
+    )
+    request = InferenceRequest(
+        conversation_id="c",
+        agent_id="support-bot",
+        messages=[ChatMessage(role="user", content="When will my card arrive?")],
+    )
 
     async def scenario() -> None:
         teacher.gate = asyncio.Event()
@@ -61,7 +72,8 @@ def test_a_shadow_sample_answers_before_the_teacher_and_records_both_after() -> 
         assert interaction.teacher is not None and interaction.teacher.error is None
         assert interaction.student is not None and interaction.student.input_tokens == 40
         assert interaction.cost_usd > out.response.cost_usd  # the shadow's teacher cost is in the interaction
-        assert interaction.teacher_only_cost_usd == prices.teacher.cost(interaction.teacher.input_tokens,
-                                                                         interaction.teacher.output_tokens)
+        assert interaction.teacher_only_cost_usd == prices.teacher.cost(
+            interaction.teacher.input_tokens, interaction.teacher.output_tokens
+        )
 
     asyncio.run(scenario())

@@ -75,9 +75,7 @@ def test_typed_record_matches_latest_schema(name: str) -> None:
         avro_type = field["type"]
         branches = avro_type if isinstance(avro_type, list) else [avro_type]
         for branch in branches:
-            inner = (
-                branch.get("items") if isinstance(branch, dict) and branch.get("type") == "array" else branch
-            )
+            inner = branch.get("items") if isinstance(branch, dict) and branch.get("type") == "array" else branch
             if isinstance(inner, dict) and inner.get("type") == "record":
                 annotation = cls.model_fields[field["name"]].annotation
                 models = [

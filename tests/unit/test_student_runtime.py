@@ -20,8 +20,9 @@ def test_prompts_are_parsed_or_refused_with_the_reason() -> None:
     messages, tools = parse_prompt(json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [1]}))
     assert messages == [{"role": "user", "content": "hi"}] and tools == [1]
     assert parse_prompt("plain text") == (None, None)
-    assert parse_prompt(json.dumps([{"role": "assistant", "content": None}]))[0] == [{"role": "assistant",
-                                                                                      "content": ""}]
+    assert parse_prompt(json.dumps([{"role": "assistant", "content": None}]))[0] == [
+        {"role": "assistant", "content": ""}
+    ]
     with pytest.raises(PromptError, match="empty"):
         parse_prompt("  ")
     with pytest.raises(PromptError, match="over the limit"):
@@ -46,9 +47,11 @@ def test_shared_prefix_is_the_system_turn() -> None:
     tok = build_tiny_tokenizer()
     prefix = shared_prefix_ids(tok, "Be brief.")
     assert tok.decode(prefix).startswith("<|system|>Be brief.<|end|>")
-    rendered = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
-                                        {"role": "user", "content": "Where is my card?"}],
-                                       tokenize=False, add_generation_prompt=True)
+    rendered = tok.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is my card?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     assert tok.encode(rendered, add_special_tokens=False)[: len(prefix)] == prefix
 
 
@@ -68,8 +71,13 @@ def test_the_label_cursor_decides_as_the_plain_decode_does() -> None:
 
 
 def test_label_tails_are_the_usual_text_after_each_label() -> None:
-    targets = ['{"intent": "a", "arguments": {}}', '{"intent": "a", "arguments": {}}',
-               '{"intent": "a", "arguments": {"x": "1"}}', '{"intent": "b", "arguments": {"x": "2"}}', "junk"]
+    targets = [
+        '{"intent": "a", "arguments": {}}',
+        '{"intent": "a", "arguments": {}}',
+        '{"intent": "a", "arguments": {"x": "1"}}',
+        '{"intent": "b", "arguments": {"x": "2"}}',
+        "junk",
+    ]
     tails, default = D.label_tails(targets)
     assert tails == {"a": ', "arguments": {}}', "b": ', "arguments": {"x": "2"}}'}
     assert default == ', "arguments": {}}'

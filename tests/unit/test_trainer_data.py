@@ -84,7 +84,8 @@ def test_encoding_masks_the_prompt_and_learns_answer_plus_eos() -> None:
     tok = build_tiny_tokenizer()
     prompt = tok.apply_chat_template(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "Where is my card?"}],
-        tokenize=False, add_generation_prompt=True,
+        tokenize=False,
+        add_generation_prompt=True,
     )
     enc = D.encode_example(tok, prompt, TEACHER, tok.eos_token_id, max_len=512)
     assert enc is not None
@@ -116,7 +117,7 @@ def test_batches_are_deterministic_and_collate_pads_labels() -> None:
     assert tensors["input_ids"].shape == (len(one[0]), width)
     for row, e in enumerate(one[0]):
         assert int(tensors["attention_mask"][row].sum()) == len(e.input_ids)
-        assert (tensors["labels"][row, len(e.input_ids):] == D.IGNORE).all()
+        assert (tensors["labels"][row, len(e.input_ids) :] == D.IGNORE).all()
 
 
 def test_snapshot_round_trip_and_student_messages(tmp_path: Path) -> None:

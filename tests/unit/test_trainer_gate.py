@@ -11,7 +11,11 @@ from services.trainer.gate import GateInputs, decide
 
 def inputs(**kw: float) -> GateInputs:
     base = dict(
-        agreement=0.95, format_compliance=0.99, selective_agreement=0.97, coverage=0.8, holdout_size=100,
+        agreement=0.95,
+        format_compliance=0.99,
+        selective_agreement=0.97,
+        coverage=0.8,
+        holdout_size=100,
         confidence_threshold=0.6,
     )
     base.update(kw)
@@ -43,9 +47,7 @@ def test_overall_ignores_coverage_selective_ignores_overall_agreement() -> None:
 
 
 def test_selective_fails_on_coverage_and_selective_agreement() -> None:
-    verdict = decide(
-        inputs(selective_agreement=0.9, coverage=0.3), Validation(gate_mode="selective", min_coverage=0.5)
-    )
+    verdict = decide(inputs(selective_agreement=0.9, coverage=0.3), Validation(gate_mode="selective", min_coverage=0.5))
     assert not verdict.passed
     assert verdict.reasons == [
         "selective_agreement 0.9000 < 0.9200 (quality_threshold)",
@@ -81,8 +83,14 @@ CASES = [
     # Dropping the wrong low-confidence answer reaches the target: the threshold is the next confidence up.
     ([(0.9, True), (0.8, True), (0.7, True), (0.2, False)], 0.9, 1, 0.7, 0.75, 1.0),
     # The lowest qualifying threshold wins even when a higher one has a better rate.
-    ([(0.95, True), (0.9, False), (0.8, True), (0.7, True), (0.6, True), (0.5, True), (0.4, False)],
-     0.8, 1, 0.5, 6 / 7, 5 / 6),
+    (
+        [(0.95, True), (0.9, False), (0.8, True), (0.7, True), (0.6, True), (0.5, True), (0.4, False)],
+        0.8,
+        1,
+        0.5,
+        6 / 7,
+        5 / 6,
+    ),
     # Nothing reaches the target.
     ([(0.9, False), (0.5, True)], 0.9, 1, None, 0.0, 0.0),
     # min_covered refuses a single lucky answer at the top.

@@ -93,8 +93,9 @@ class TritonPythonModel:
                 self._send(sender, error=error)
                 continue
             try:
-                self.scheduler.submit(rows, lambda answers, s=sender, shape=prompt.shape: self._respond(s, shape,
-                                                                                                        answers))
+                self.scheduler.submit(
+                    rows, lambda answers, s=sender, shape=prompt.shape: self._respond(s, shape, answers)
+                )
             except Exception as exc:  # unloading: the request gets the reason, not silence
                 self._send(sender, error=f"{self.name}: {exc}")
         return None
@@ -111,8 +112,12 @@ class TritonPythonModel:
             "OUTPUT_TOKENS": np.array([a.output_tokens for a in got], dtype=np.int32),
             "FORWARD_PASSES": np.array([a.forward_passes for a in got], dtype=np.int32),
         }
-        self._send(sender, pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(name, tensors[name].reshape(shape)) for name in OUTPUTS]))
+        self._send(
+            sender,
+            pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor(name, tensors[name].reshape(shape)) for name in OUTPUTS]
+            ),
+        )
 
     @staticmethod
     def _send(sender, response=None, error: str | None = None) -> None:
