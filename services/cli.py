@@ -8,13 +8,16 @@ import json
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
 from rich.table import Table
 
 from services.core.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from services.router.state import RouterState
 
 console = Console()
 err_console = Console(stderr=True)
@@ -145,6 +148,8 @@ def _print_agents(settings: Settings) -> None:
         else:
             student = f", student {life.model_name} v{life.model_version}" if life and life.has_student else ""
             console.print(f"{status.agent_id}: {stage}{student}", highlight=False)
+        if life and life.last_failure:
+            console.print(f"{status.agent_id}: the last training job failed at {life.last_failure}", highlight=False)
 
 
 def format_rows(columns: list[str], rows: list[tuple], fmt: str) -> str:
@@ -395,33 +400,70 @@ def agent() -> None:
 @agent.command("list")
 @friendly_errors
 def agent_list() -> None:
-    """The agents of agents.yaml with their mode, tier and lifecycle stage."""
-    from services.core.agents import load_agents
-
+    """The agents of agents.yaml with the mode, tier and thresholds routing applies now (run-time changes
+    included) and where each came from, their lifecycle stage and student."""
     settings = _settings()
-    agents = load_agents(settings.agents_file)
-    stages = _lifecycles(settings)
+    state = _router_state(settings)
     table = Table(title=str(settings.agents_file), title_justify="left")
-    for col in ("agent", "mode", "tier", "teacher model", "stage", "student"):
+    for col in ("agent", "mode", "tier", "confidence threshold", "shadow rate", "teacher model", "stage", "student"):
         table.add_column(col)
-    for agent_id, cfg in agents.agents.items():
-        life = stages.get(agent_id)
-        student = f"{life.model_name} v{life.model_version}" if life and life.has_student else "none"
-        table.add_row(agent_id, cfg.mode, cfg.tier, cfg.teacher.model, life.stage if life else "grace", student)
+    for agent_id, rt in state.runtime.items():
+        life = rt.lifecycle
+        student = f"{life.model_name} v{life.model_version}" if life.has_student else "none"
+        cells = {e.name: f"{e.value} ({e.source})" for e in state.effective(agent_id)}
+        table.add_row(
+            agent_id,
+            cells["mode"],
+            cells["tier"],
+            cells["confidence_threshold"],
+            cells["shadow_rate"],
+            rt.config.teacher.model,
+            life.stage,
+            student,
+        )
     console.print(table)
 
 
-def _lifecycles(settings: Settings) -> dict:
+def _lifecycle_events(settings: Settings) -> list:
     from services.core.clickhouse import client
-    from services.core.lifecycle import fold
     from services.core.lifecycle_store import read_lifecycle_events
 
     ch = client(settings)
     try:
-        events = read_lifecycle_events(ch)
+        return read_lifecycle_events(ch)
     finally:
         ch.close()
+
+
+def _lifecycles(settings: Settings) -> dict:
+    from services.core.lifecycle import fold
+
+    events = _lifecycle_events(settings)
     return {a: fold(a, [e for e in events if e.agent_id == a]) for a in {e.agent_id for e in events}}
+
+
+def _router_state(settings: Settings) -> RouterState:
+    """What the router applies now, rebuilt the way the router builds it: agents.yaml, the lifecycle events
+    (ClickHouse), then the run-time changes on flywheel.control (refused ones change nothing, as in the router)."""
+    import asyncio
+
+    from services.core.agents import load_agents
+    from services.core.codec import AvroCodec, DecodeError
+    from services.core.kafka import read_to_end
+    from services.core.records import AgentControl
+    from services.core.topics import CONTROL
+    from services.router.state import RouterState
+
+    state = RouterState(load_agents(settings.agents_file))
+    for event in _lifecycle_events(settings):
+        state.apply_lifecycle(event)
+    codec = AvroCodec()
+    for msg in asyncio.run(read_to_end(settings, CONTROL.name)):
+        try:
+            state.apply_control(codec.decode(msg.value, AgentControl))
+        except DecodeError:
+            continue  # the logger dead-letters it; it changed nothing in the router either
+    return state
 
 
 @agent.command("set")

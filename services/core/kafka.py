@@ -93,6 +93,35 @@ def create_follower(settings: Settings, group_id: str | None, *topics: str, **ov
     return create_consumer(settings, group_id, *topics, **{"fetch_max_wait_ms": wait, **overrides})
 
 
+async def read_to_end(settings: Settings, topic: str, timeout_s: float = 30.0) -> list[ConsumerRecord]:
+    """Every record of ``topic`` from its beginning to its end at the call (no group: nothing is committed).
+    Raises TimeoutError naming the topic when the end is not reached in ``timeout_s``."""
+    import asyncio
+    import time
+
+    consumer = create_follower(settings, None)
+    await consumer.start()
+    try:
+        await consumer.topics()  # the cluster's metadata, for the partitions below
+        tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        records: list[ConsumerRecord] = []
+        deadline = time.monotonic() + timeout_s
+        while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: the end of the topic was not reached in {timeout_s:.0f} s")
+            for messages in (await consumer.getmany(timeout_ms=200)).values():
+                records.extend(messages)
+            await asyncio.sleep(0)
+        return records
+    finally:
+        await consumer.stop()
+
+
 def confluent_consumer_config(settings: Settings, group_id: str, **overrides: Any) -> dict[str, Any]:
     """librdkafka consumer settings: manual commits, earliest offset for a new group, the fetch wait."""
     return {

@@ -22,6 +22,16 @@ class AgentRuntime:
     tier: str
     thresholds: dict[str, float] = field(default_factory=dict)
     eligible_since_promotion: int = 0  # student-eligible requests since the last promotion (canary ramp)
+    changed: dict[str, str] = field(default_factory=dict)  # setting -> who changed it at run time, and when
+
+
+@dataclass(frozen=True)
+class Effective:
+    """A setting as the router applies it, and where the value came from."""
+
+    name: str
+    value: str
+    source: str
 
 
 class RouterState:
@@ -84,9 +94,32 @@ class RouterState:
             return f"{control.agent_id}: mode student refused, the agent has no promoted student"
         if control.tier is not None and control.tier not in self.agents.tiers:
             return f"{control.agent_id}: unknown tier {control.tier!r}"
+        who = f"{control.changed_by or 'a control record'}, {control.created_at:%Y-%m-%d %H:%M:%S} UTC"
         if control.mode is not None:
             rt.mode = control.mode
+            rt.changed["mode"] = who
         if control.tier is not None:
             rt.tier = control.tier
+            rt.changed["tier"] = who
         rt.thresholds.update(control.thresholds)
+        rt.changed.update(dict.fromkeys(control.thresholds, who))
         return None
+
+    def effective(self, agent_id: str) -> list[Effective]:
+        """Mode, tier and thresholds as routing applies them now, each with its source: agents.yaml, the
+        promotion's calibration, or a run-time change (``flywheel agent set``)."""
+        rt = self.runtime_of(agent_id)
+        view = self.view(agent_id)
+        config = "agents.yaml"
+        if "confidence_threshold" in rt.changed:
+            threshold_source = rt.changed["confidence_threshold"]
+        elif rt.lifecycle.confidence_threshold is not None:
+            threshold_source = f"calibrated with version {rt.lifecycle.model_version}"
+        else:
+            threshold_source = config
+        return [
+            Effective("mode", rt.mode, rt.changed.get("mode", config)),
+            Effective("tier", rt.tier, rt.changed.get("tier", config)),
+            Effective("confidence_threshold", f"{view.confidence_threshold:.3f}", threshold_source),
+            Effective("shadow_rate", f"{view.shadow_rate:.3f}", rt.changed.get("shadow_rate", config)),
+        ]

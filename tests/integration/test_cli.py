@@ -128,6 +128,21 @@ def test_replay_and_send_through_the_router(stack, settings: Settings, stack_man
     assert unknown.returncode == 1 and "nobody" in unknown.stderr and "support-bot" in unknown.stderr
 
 
+def test_agent_list_shows_run_time_changes_and_where_each_setting_came_from(stack, settings: Settings) -> None:
+    before = run(settings, "agent", "list", COLUMNS="400")
+    assert before.returncode == 0, before.stderr
+    line = next(x for x in before.stdout.splitlines() if "support-bot" in x)
+    assert "(agents.yaml)" in line
+    changed = run(
+        settings, "agent", "set", "support-bot", "--tier", "accuracy-optimized", "--threshold", "shadow_rate=0.25"
+    )
+    assert changed.returncode == 0, changed.stderr
+    after = run(settings, "agent", "list", COLUMNS="400")
+    assert after.returncode == 0, after.stderr
+    line = next(x for x in after.stdout.splitlines() if "support-bot" in x)
+    assert "accuracy-optimized (flywheel agent set, " in line and "0.250 (flywheel agent set, " in line
+
+
 def test_unreachable_clickhouse_is_named(settings: Settings) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -76,6 +76,18 @@ def test_fold_sorts_by_time_and_ignores_other_agents() -> None:
 AGENTS = parse_agents({"agents": {"a": {"routing": {"canary_steps": [0.5, 1.0], "canary_step_requests": 2}}}})
 
 
+def test_a_failed_job_leaves_training_and_is_remembered_until_a_job_succeeds() -> None:
+    trigger = RetrainTriggered(agent_id="a", reason="grace_complete", created_at=at(1))
+    failed = model("failed", 3, error="OSError: snapshot folder not found")
+    s = fold("a", [trigger, snapshot(2), failed])
+    assert s.stage == "grace" and s.last_failure == (
+        "2026-01-01 00:03:00 UTC, snapshot None: OSError: snapshot folder not found"
+    )
+    live = fold("a", [model("promoted", 1, version=1), snapshot(2), failed])
+    assert live.stage == "live" and live.model_version == 1 and live.last_failure
+    assert fold("a", [trigger, snapshot(2), failed, model("candidate", 4)]).last_failure is None
+
+
 def test_router_state_view_follows_promotion_and_canary() -> None:
     state = RouterState(AGENTS)
     assert state.view("a").stage == "grace"
@@ -104,6 +116,29 @@ def test_control_changes_and_refusals() -> None:
     assert state.apply_control(AgentControl(agent_id="a", mode="teacher", thresholds={"shadow_rate": 0.5})) is None
     v = state.view("a")
     assert (v.mode, v.shadow_rate) == ("teacher", 0.5)
+
+
+def test_effective_settings_name_their_source() -> None:
+    state = RouterState(AGENTS)
+    before = {e.name: (e.value, e.source) for e in state.effective("a")}
+    assert before["mode"] == (AGENTS.agent("a").mode, "agents.yaml")
+    assert before["confidence_threshold"][1] == "agents.yaml"
+    state.apply_lifecycle(model("promoted", 1, version=3, confidence_threshold=0.6))
+    state.apply_control(
+        AgentControl(
+            agent_id="a",
+            mode="student",
+            thresholds={"shadow_rate": 0.2},
+            changed_by="flywheel agent set",
+            created_at=at(5),
+        )
+    )
+    state.apply_control(AgentControl(agent_id="a", tier="gold", created_at=at(6)))  # refused: changes nothing
+    after = {e.name: (e.value, e.source) for e in state.effective("a")}
+    assert after["mode"] == ("student", "flywheel agent set, 2026-01-01 00:05:00 UTC")
+    assert after["shadow_rate"] == ("0.200", "flywheel agent set, 2026-01-01 00:05:00 UTC")
+    assert after["confidence_threshold"] == ("0.600", "calibrated with version 3")
+    assert after["tier"] == (AGENTS.agent("a").tier, "agents.yaml")
     state.apply_lifecycle(model("promoted", 1, version=1))
     assert state.apply_control(AgentControl(agent_id="a", mode="student", tier="accuracy-optimized")) is None
     assert state.view("a").mode == "student"
