@@ -3,8 +3,8 @@ events the same way).
 
     grace ──grace_complete──► training ──candidate──► validating ──promoted──► live
       ▲                           ▲                        │                   │ retrain triggered
-      └──────── rejected ─────────┴────────────────────────┘                   ▼
-                (no student yet)                      rejected / promoted ◄── retraining
+      └──── rejected / failed ────┴────────────────────────┘                   ▼
+                (no student yet)             rejected / failed / promoted ◄── retraining
 
 Services rebuild the state at start from ClickHouse (``model_events``, ``datasets``, ``retrain_events``, the
 durable record), then follow the topics.
@@ -30,6 +30,7 @@ class AgentLifecycle:
     validation_agreement: float | None = None
     promoted_at: datetime | None = None
     last_event_at: datetime | None = None
+    last_failure: str | None = None  # the last training job that failed (when, why), until a job succeeds
 
     @property
     def has_student(self) -> bool:
@@ -47,7 +48,10 @@ def apply(state: AgentLifecycle, event: LifecycleEvent) -> AgentLifecycle:
     if isinstance(event, DatasetSnapshot):
         return replace(state, stage="retraining" if live else "training")
     if event.kind == "candidate":
-        return replace(state, stage="retraining" if live else "validating")
+        return replace(state, stage="retraining" if live else "validating", last_failure=None)
+    if event.kind == "failed":
+        when = f"{event.created_at:%Y-%m-%d %H:%M:%S} UTC"
+        state = replace(state, last_failure=f"{when}, snapshot {event.snapshot_id}: {event.error or 'no reason given'}")
     if event.kind in ("promoted", "rolled_back"):
         return replace(
             state,
@@ -58,7 +62,7 @@ def apply(state: AgentLifecycle, event: LifecycleEvent) -> AgentLifecycle:
             validation_agreement=event.metrics.get("agreement", state.validation_agreement),
             promoted_at=event.created_at,
         )
-    # rejected: a live student keeps serving; without one, collect more data.
+    # rejected, or failed (the job could not finish): a live student keeps serving; without one, collect more data.
     return replace(state, stage="live" if live else "grace")
 
 

@@ -26,7 +26,7 @@ def read_lifecycle_events(ch: Client) -> list[LifecycleEvent]:
     events: list[LifecycleEvent] = []
     models = ch.query(
         "SELECT event_id, agent_id, kind, model_name, model_version, base_model, adapter_uri, snapshot_id, metrics, "
-        "gate_passed, gate_mode, gate_reasons, confidence_threshold, lineage, code_version, created_at "
+        "gate_passed, gate_mode, gate_reasons, confidence_threshold, lineage, code_version, created_at, error "
         "FROM model_events FINAL"
     )
     for r in models.named_results():
@@ -49,6 +49,7 @@ def read_lifecycle_events(ch: Client) -> list[LifecycleEvent]:
                 lineage=dict(r["lineage"]),
                 code_version=r["code_version"],
                 created_at=_utc(r["created_at"]),
+                error=r["error"],
             )
         )
     retrains = ch.query("SELECT event_id, agent_id, reason, evidence, created_at FROM retrain_events FINAL")

@@ -12,7 +12,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 Role = Literal["system", "user", "assistant", "tool"]
 Server = Literal["teacher", "student", "none"]
-ModelEventKind = Literal["candidate", "promoted", "rejected", "rolled_back"]
+ModelEventKind = Literal["candidate", "promoted", "rejected", "rolled_back", "failed"]
 RetrainReason = Literal["grace_complete", "agreement_drift", "intent_shift", "fallback_rate", "manual"]
 AgentMode = Literal["teacher", "student", "auto"]
 
@@ -156,6 +156,7 @@ class ModelEvent(Record):
     lineage: dict[str, str] = Field(default_factory=dict)
     code_version: str = ""
     created_at: AwareDatetime = Field(default_factory=utcnow)
+    error: str | None = None  # failed: why the training job could not finish
 
 
 class RetrainTriggered(Record):

@@ -8,8 +8,9 @@ On start it reads every agent's lifecycle from ClickHouse (the durable record), 
   snapshot and emit ``DatasetSnapshot`` (parent = the previous snapshot);
 * ``grace``: the agent is in its first grace period (no trigger yet): check the criteria; when complete emit
   ``RetrainTriggered(grace_complete)`` with the figures as evidence;
-* ``retry``: its last student was rejected and none is live: once traffic grew by ``curation.retry_growth``
-  since the rejection, emit ``RetrainTriggered(grace_complete)`` with ``"retry": true`` in the evidence.
+* ``retry``: its last student was rejected (or its training job failed) and none is live: once traffic grew
+  by ``curation.retry_growth`` since the rejection, emit ``RetrainTriggered(grace_complete)`` with
+  ``"retry": true`` in the evidence.
 
 Everything is decided from state, not from the arrival of one event, so a restart (the topics replayed from
 the start, or empty) neither repeats a trigger nor rebuilds a snapshot that exists.
@@ -75,7 +76,7 @@ def decide(agent_id: str, events: Iterable[LifecycleEvent]) -> Action:
     if not triggers:
         return Action("grace")
     models = [e for e in mine if isinstance(e, ModelEvent)]
-    if models and models[-1].kind == "rejected" and not state.has_student:
+    if models and models[-1].kind in ("rejected", "failed") and not state.has_student:
         return Action("retry", rejected_at=models[-1].created_at)
     return Action("idle")
 

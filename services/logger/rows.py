@@ -202,6 +202,7 @@ def model_event_row(rec: ModelEvent) -> tuple[Any, ...]:
         dict(rec.lineage),
         rec.code_version,
         rec.created_at,
+        rec.error,
     )
 
 
@@ -263,6 +264,7 @@ MODEL_EVENTS = TableSpec(
         "lineage",
         "code_version",
         "created_at",
+        "error",
     ),
     model_event_row,
     "event_id",

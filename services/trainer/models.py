@@ -43,7 +43,7 @@ class VersionRow:
 def read_model_events(ch: Client, agent_id: str) -> list[dict[str, Any]]:
     result = ch.query(
         "SELECT event_id, kind, model_name, model_version, base_model, adapter_uri, snapshot_id, metrics, "
-        "gate_passed, gate_mode, gate_reasons, confidence_threshold, lineage, code_version, created_at "
+        "gate_passed, gate_mode, gate_reasons, confidence_threshold, lineage, code_version, created_at, error "
         "FROM model_events FINAL WHERE agent_id = {agent:String} ORDER BY created_at, event_id",
         parameters={"agent": agent_id},
     )

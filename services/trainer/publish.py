@@ -4,7 +4,9 @@
 * ``promoted``: the gate passed, ``ModelRepository.publish_student`` placed, loaded and probed the version;
   the event carries the metrics (plus ``latency_p95_ms`` measured through Triton), the verdict, the
   calibrated confidence threshold and the lineage (snapshot, base model, config hash, code version);
-* ``rejected``: the gate failed (reasons name each failing metric) or publishing failed; nothing is published.
+* ``rejected``: the gate failed (reasons name each failing metric) or publishing failed; nothing is published;
+* ``failed``: the job could not finish (``failed_event``: an unreadable snapshot, a base that does not load, an
+  error in training); ``error`` says why.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from services.core.model_repository import (
     StudentModelSpec,
     student_model_name,
 )
-from services.core.records import GateVerdict, ModelEvent
+from services.core.records import DatasetSnapshot, GateVerdict, ModelEvent
 from services.trainer.evaluate import percentile, triton_latency
 from services.trainer.pipeline import JobResult
 
@@ -61,6 +63,20 @@ def lineage(result: JobResult) -> dict[str, str]:
         "run_dir": str(result.run_dir),
         "merged": str(result.merged).lower(),
     }
+
+
+def failed_event(snapshot: DatasetSnapshot, base_model: str, error: str) -> ModelEvent:
+    """A job that could not finish for ``snapshot``: the agent leaves ``training``, and ``error`` says why."""
+    return ModelEvent(
+        agent_id=snapshot.agent_id,
+        kind="failed",
+        model_name=student_model_name(snapshot.agent_id),
+        base_model=base_model,
+        snapshot_id=snapshot.snapshot_id,
+        lineage={"snapshot_id": snapshot.snapshot_id, "code_version": code_version()},
+        code_version=code_version(),
+        error=error,
+    )
 
 
 def _event(result: JobResult, kind: str, **kw: object) -> ModelEvent:

@@ -32,12 +32,14 @@ from services.core.records import DatasetSnapshot, ModelEvent
 from services.core.settings import Settings
 from services.trainer.data import read_snapshot
 from services.trainer.pipeline import JobOptions, run_job
-from services.trainer.publish import finish
+from services.trainer.publish import failed_event, finish
 
 log = logging.getLogger("flywheel.trainer")
 SERVICE = "trainer"
 GROUP = "flywheel-trainer"
-VERDICTS = ("promoted", "rejected")
+# A failed job counts as decided: its snapshot is not trained again after a restart (a job that fails every time
+# would otherwise loop); the curator retries with more data, as after a rejection.
+VERDICTS = ("promoted", "rejected", "failed")
 
 
 def train_snapshot(
@@ -133,11 +135,15 @@ class Trainer:
         log.info("trainer: snapshot %s of %s (%s)", record.snapshot_id, record.agent_id, record.uri)
         try:
             event = await asyncio.to_thread(train_snapshot, self.settings, agent, record.uri, emit, self.options)
-            self.verdicts.append(event)
-            log.info("trainer: %s -> %s %s", record.snapshot_id, event.kind, event.model_version or "")
-        except Exception:
-            # A broken snapshot must not stop the trainer; the error is in the log and the next snapshot runs.
+        except Exception as exc:
+            # A broken snapshot must not stop the trainer, nor vanish: a `failed` event takes the agent out of
+            # `training` (the curator retries after more data) and says why. If it cannot be sent, the
+            # exception stops the trainer before the snapshot's offset is committed: it is tried again.
             log.exception("trainer: job for snapshot %s failed", record.snapshot_id)
+            event = failed_event(record, agent.distillation.base_model, f"{type(exc).__name__}: {exc}")
+            await publisher.send(topics.MODELS, event, event.agent_id)
+        self.verdicts.append(event)
+        log.info("trainer: %s -> %s %s", record.snapshot_id, event.kind, event.model_version or event.error or "")
         self.jobs += 1
 
     def load_verdicts(self) -> None:
@@ -237,7 +243,15 @@ def models_text(settings: Settings, agent_id: str) -> str:
     finally:
         ch.close()
     rejected = sum(1 for e in events if e["kind"] == "rejected")
-    return format_versions(agent_id, versions_from_events(events), rejected)
+    text = format_versions(agent_id, versions_from_events(events), rejected)
+    failed = [e for e in events if e["kind"] == "failed"]
+    if failed:
+        last = failed[-1]
+        text += (
+            f"\n{len(failed)} training job(s) failed; the last at {last['created_at']:%Y-%m-%d %H:%M:%S} "
+            f"(snapshot {last['snapshot_id']}): {last['error']}"
+        )
+    return text
 
 
 async def rollback_and_emit(settings: Settings, agent_id: str, version: int | None = None) -> ModelEvent:

@@ -13,6 +13,7 @@ from services.core import topics
 from services.core.agents import AgentConfig, AgentsFile, Distillation, Validation
 from services.core.codec import AvroCodec, DecodeError
 from services.core.kafka import Publisher, create_consumer, create_producer
+from services.core.lifecycle import fold
 from services.core.model_repository import ModelRepository, student_model_name
 from services.core.records import DatasetSnapshot, ModelEvent
 from services.core.settings import Settings
@@ -120,6 +121,36 @@ async def test_service_trains_gates_publishes_and_announces(stack: Settings, tin
         and spec["label_prefix"] == '{"intent": "'
         and (repo.model_dir(model) / str(promoted.model_version) / "adapter" / "adapter_config.json").is_file()
     )
+
+
+async def test_a_job_that_cannot_finish_emits_failed_with_its_error_and_the_trainer_goes_on(
+    stack: Settings, tiny_base: Path
+) -> None:
+    agent_id = "trainer-broken"
+    agents = AgentsFile(agents={agent_id: agent(agent_id, tiny_base, lax())})
+    trainer = Trainer(stack, OPTIONS, agents=agents)
+    stop = asyncio.Event()
+    task = asyncio.ensure_future(trainer.run(stop))
+    producer = create_producer(stack)
+    await producer.start()
+    missing = stack.path("artifacts") / "no-such-snapshot"
+    try:
+        record = DatasetSnapshot(
+            snapshot_id="ds-missing", agent_id=agent_id, version=1, content_hash="x", uri=str(missing)
+        )
+        await Publisher(producer, AvroCodec()).send(topics.DATASETS, record, agent_id)
+        events = await model_events(stack, agent_id, "failed")
+    finally:
+        stop.set()
+        await producer.stop()
+        await asyncio.wait_for(task, 60)
+    assert [e.kind for e in events] == ["failed"]
+    failed = events[0]
+    assert failed.snapshot_id == "ds-missing" and str(missing) in (failed.error or "")
+    assert not task.exception() and trainer.jobs == 1  # the trainer went on
+    # The agent left `training`: back to the grace period, with the failure on record.
+    life = fold(agent_id, [record, failed])
+    assert life.stage == "grace" and life.last_failure and "ds-missing" in life.last_failure
 
 
 def test_a_failing_gate_rejects_with_reasons_and_publishes_nothing(

@@ -287,6 +287,11 @@ def test_decide_follows_the_lifecycle() -> None:
     assert got.kind == "retry" and got.rejected_at == rejected.created_at
     assert decide("a", [promoted]).kind == "idle"
     assert decide("b", [trig]).kind == "grace"
+    # A training job that failed is retried like a rejection, after more data.
+    failed = ModelEvent(
+        agent_id="a", kind="failed", model_name="m", error="OSError: disk full", created_at=t + timedelta(seconds=2)
+    )
+    assert decide("a", [trig, snap, failed]).kind == "retry"
 
 
 # The teacher's finish_reason (interactions.teacher_finish_reason, migration 0004) -----------------------------
