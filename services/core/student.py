@@ -82,8 +82,13 @@ class StudentClient:
 
         model = student_model_name(agent_id)
         client = await self._get()
+        try:
+            text = prompt_json(messages, tools)
+        except ValueError as exc:  # tools that are not JSON: the student cannot read them (nor can the teacher)
+            self.failures[agent_id] += 1
+            raise StudentUnavailable(f"{model}: the request's tools are not JSON: {exc}") from exc
         prompt = grpcclient.InferInput("PROMPT", [1, 1], "BYTES")
-        prompt.set_data_from_numpy(np.array([[prompt_json(messages, tools).encode()]], dtype=np.object_))
+        prompt.set_data_from_numpy(np.array([[text.encode()]], dtype=np.object_))
         # No outputs named: Triton returns every output the version has, so a version published before the
         # token counts existed still answers (its counts are then None).
         outputs = None

@@ -407,13 +407,18 @@ class Router:
         reply_topic = request.reply_topic or topics.RESPONSES.name
         try:
             outcome = await self.serve(request, received_at)
-        except UnknownAgentError as exc:
-            await self._dead_letter(msg, "unknown_agent", str(exc))
+        except Exception as exc:  # whatever failed, the client gets a response with the reason, not silence
+            if isinstance(exc, UnknownAgentError):
+                kind, reason = "unknown_agent", str(exc)
+            else:
+                log.exception("router: request %s of %s failed", request.request_id, request.agent_id)
+                kind, reason = "processing", f"{type(exc).__name__}: {exc}"
+            await self._dead_letter(msg, kind, reason)
             error = InferenceResponse(
                 request_id=request.request_id,
                 conversation_id=request.conversation_id,
                 agent_id=request.agent_id,
-                error=str(exc),
+                error=reason,
             )
             await self.publisher.send(reply_topic, error, request.conversation_id)
             return

@@ -33,6 +33,7 @@ AGENTS = {
     "canary": {"routing": {"canary_steps": [0.5, 1.0], "canary_step_requests": 1000, "shadow_rate": 0.0}},
     "ghost": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.0}},
     "ordered": {},
+    "tools": {"routing": {"canary_steps": [1.0], "shadow_rate": 0.0}},
 }
 
 
@@ -234,6 +235,19 @@ async def test_malformed_and_unknown_agent_requests_go_to_the_dlq(serving: Setti
     assert "unknown_agent" in kinds and "no-such-agent" in kinds["unknown_agent"].error
     assert kinds.keys() & {"truncated", "bad_body", "unknown_fingerprint"}
     assert any(letter.value == b"\xc3\x01garbage" for letter in letters)
+
+
+async def test_malformed_tools_get_an_error_response_at_once_whoever_would_serve(
+    serving: Settings, tiny_student: Path
+) -> None:
+    await promote(serving, aid("tools"), tiny_student, threshold=0.0)
+    await asyncio.sleep(2)  # the router follows flywheel.models
+    bad = [request(aid(name)).model_copy(update={"tools": "{not json"}) for name in ("tools", "in-grace")]
+    t0 = time.monotonic()
+    live, grace = await send_all(serving, bad)
+    assert time.monotonic() - t0 < 5
+    for answer in (live, grace):
+        assert answer.served_by == "none" and "tools are not usable" in (answer.error or ""), answer.error
 
 
 async def test_a_missing_student_model_falls_back_to_the_teacher(serving: Settings) -> None:
