@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
 
 from services.core.clickhouse import client  # noqa: E402
 from services.core.settings import Settings  # noqa: E402
-from services.stack.clickhouse_endpoint import SERVER_SETTINGS, ClickHouseEndpoint  # noqa: E402
+from services.stack.clickhouse_endpoint import ClickHouseEndpoint  # noqa: E402
+from services.stack.clickhouse_endpoint.policy import Policy  # noqa: E402
 from services.stack.process import ProcessManager, free_port  # noqa: E402
 
 # Pause before each timed run: the previous run's table was just dropped and its parts' background merges
@@ -101,7 +102,7 @@ def measure(methods: list[Method], repeat: int, endpoint_pid: int | None) -> dic
 def in_process_methods(conn: Any, df: pd.DataFrame) -> tuple[list[Method], bytes]:
     """chDB in this process (its own data directory), and the rows as Native bytes of the table's types."""
     # The endpoint's settings profile here too, so both sides squash inserts into parts the same way.
-    conn.query("SET " + ", ".join(f"{name} = {value}" for name, value in SERVER_SETTINGS.items()))
+    conn.query("SET " + ", ".join(f"{name} = {value}" for name, value in Policy().profile().items()))
 
     def reset() -> None:
         conn.query("DROP TABLE IF EXISTS bench")

@@ -27,6 +27,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 def _known_errors() -> tuple[type[BaseException], ...]:
     from services.core.agents import AgentConfigError, UnknownAgentError
     from services.core.clickhouse import ClickHouseError
+    from services.core.dead_letters import DeadLetterError
     from services.core.topics import TopicError
     from services.stack.process import StackError
 
@@ -38,6 +39,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         FileNotFoundError,
         AgentConfigError,
         UnknownAgentError,
+        DeadLetterError,
         TimeoutError,
         click.UsageError,
     )
@@ -523,6 +525,105 @@ def agent_set(agent_id: str, mode: str | None, tier: str | None, thresholds: tup
     asyncio.run(publish())
     changes = {k: v for k, v in (("mode", mode), ("tier", tier)) if v} | values
     console.print(f"{agent_id}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+
+
+@main.group()
+def dlq() -> None:
+    """Dead letters: records a service could not process, stored with the reason (list, show, replay)."""
+
+
+@dlq.command("list")
+@click.option("--topic", help="Only those of this source topic (e.g. requests)")
+@click.option("--kind", help="Only this error kind (e.g. unknown_agent, schema)")
+@click.option("--limit", type=int, default=50, show_default=True)
+@friendly_errors
+def dlq_list(topic: str | None, kind: str | None, limit: int) -> None:
+    """The newest dead letters, with their ids (for show and replay)."""
+    from services.core.clickhouse import client
+    from services.core.dead_letters import list_letters
+
+    letters = list_letters(client(_settings()), topic, kind, limit)
+    table = Table(title=f"dead letters (newest {limit})", title_justify="left")
+    for col in ("id", "when (UTC)", "source", "kind", "error", "replays"):
+        table.add_column(col, overflow="fold")
+    for letter in letters:
+        source = f"{letter.source_topic}[{letter.source_partition}]@{letter.source_offset}"
+        error = letter.error if len(letter.error) <= 100 else letter.error[:99] + "…"
+        when = f"{letter.created_at:%Y-%m-%d %H:%M:%S}"
+        table.add_row(letter.id, when, source, letter.error_kind, error, str(letter.replays))
+    console.print(table)
+    console.print(f"[dim]{len(letters)} dead letter{'s' if len(letters) != 1 else ''}[/]")
+
+
+@dlq.command("show")
+@click.argument("letter_id")
+@friendly_errors
+def dlq_show(letter_id: str) -> None:
+    """One dead letter in full: where it came from, why it failed, and the record (decoded when it can be)."""
+    from services.core.clickhouse import client
+    from services.core.dead_letters import describe_value, get_letter
+
+    letter = get_letter(client(_settings()), letter_id)
+    shape, value = describe_value(letter)
+    click.echo(
+        json.dumps(
+            {
+                "id": letter.id,
+                "source": {
+                    "topic": letter.source_topic,
+                    "partition": letter.source_partition,
+                    "offset": letter.source_offset,
+                },
+                "service": letter.service,
+                "error_kind": letter.error_kind,
+                "error": letter.error,
+                "created_at": letter.created_at.isoformat(),
+                "replays": letter.replays,
+                "key": letter.key.decode("utf-8", errors="replace") if letter.key is not None else None,
+                shape: value,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+
+
+@dlq.command("replay")
+@click.argument("letter_ids", nargs=-1)
+@click.option("--topic", help="Every dead letter of this source topic (with --kind, of that kind only)")
+@click.option("--kind", help="With --topic: only this error kind")
+@click.option(
+    "--fixed",
+    "fixed_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="A corrected record (JSON, the source topic's record type) to send instead of one letter's bytes",
+)
+@click.option("--limit", type=int, default=1000, show_default=True, help="With --topic: at most this many")
+@friendly_errors
+def dlq_replay(
+    letter_ids: tuple[str, ...], topic: str | None, kind: str | None, fixed_file: str | None, limit: int
+) -> None:
+    """Send dead letters back to their source topic, once what made them fail is fixed (an agent added, a
+    record corrected with --fixed)."""
+    import asyncio
+    from pathlib import Path
+
+    from services.core.clickhouse import client
+    from services.core.dead_letters import get_letter, list_letters, replacement_value, replay
+
+    if bool(letter_ids) == bool(topic):
+        raise click.UsageError("give dead-letter ids, or --topic (and --kind) to replay all of them")
+    if fixed_file and len(letter_ids) != 1:
+        raise click.UsageError("--fixed replaces the record of exactly one dead letter: give its id")
+    settings = _settings()
+    ch = client(settings)
+    letters = [get_letter(ch, i) for i in letter_ids] if letter_ids else list_letters(ch, topic, kind, limit)
+    values = {}
+    if fixed_file:
+        fixed = json.loads(Path(fixed_file).read_text())
+        values[letters[0].id] = replacement_value(letters[0], fixed)
+    sent = asyncio.run(replay(settings, letters, values))
+    console.print(f"replayed {sent} dead letter{'s' if sent != 1 else ''} to their source topics")
 
 
 @main.command()

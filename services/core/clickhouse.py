@@ -28,6 +28,8 @@ import clickhouse_connect
 # transport failure. Ours derive from it, so callers catch every ClickHouse failure with one class.
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
+from services.core.sql_lexer import split_statements
+
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
@@ -93,11 +95,11 @@ def _connection_options(settings: Settings) -> dict[str, Any]:
         # Sessionless: one client can then be shared by threads (a session allows one query at a time).
         "autogenerate_session_id": False,
         # Compression pays over a network; on loopback it only costs CPU (inserts ~10 % slower, measured).
-        "compress": not _is_loopback(parts.hostname or ""),
+        "compress": not is_loopback(parts.hostname or ""),
     }
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -216,60 +218,3 @@ def _apply(ch: Client, migration: Migration) -> None:
         column_names=["version", "name", "checksum"],
     )
     log.info("applied migration %s", migration.filename)
-
-
-def split_statements(sql: str) -> list[str]:
-    """Split SQL text on the ``;`` that end statements, ignoring those inside quotes and comments.
-
-    Statements that hold nothing but comments are dropped.
-    """
-    statements: list[str] = []
-    current: list[str] = []
-    has_code = False
-    i = 0
-    while i < len(sql):
-        token = _token_at(sql, i)
-        if token is not None:  # a literal, quoted identifier or comment: copied whole
-            end, is_code = token
-            current.append(sql[i:end])
-            has_code, i = has_code or is_code, end
-        elif sql[i] == ";":
-            if has_code:
-                statements.append("".join(current).strip())
-            current, has_code, i = [], False, i + 1
-        else:
-            current.append(sql[i])
-            has_code, i = has_code or not sql[i].isspace(), i + 1
-    if has_code:
-        statements.append("".join(current).strip())
-    return statements
-
-
-def _token_at(sql: str, i: int) -> tuple[int, bool] | None:
-    """(end, is code) of the quoted literal/identifier or comment starting at i; None if none starts there."""
-    if sql[i] in "'\"`":
-        return _quoted_end(sql, i), True
-    if sql.startswith("--", i) or sql[i] == "#":
-        end = sql.find("\n", i)
-        return (len(sql) if end < 0 else end), False
-    if sql.startswith("/*", i):
-        end = sql.find("*/", i + 2)
-        return (len(sql) if end < 0 else end + 2), False
-    return None
-
-
-def _quoted_end(sql: str, start: int) -> int:
-    """Index just past the quoted literal or identifier at `start` (backslash or doubled quote escapes)."""
-    quote = sql[start]
-    i = start + 1
-    while i < len(sql):
-        if sql[i] == "\\":
-            i += 2
-        elif sql[i] == quote:
-            if sql.startswith(quote * 2, i):
-                i += 2
-            else:
-                return i + 1
-        else:
-            i += 1
-    return len(sql)

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from services.core.codec import AvroCodec, DecodeError
@@ -62,13 +62,26 @@ def aiokafka_config(settings: Settings) -> dict[str, Any]:
 
 
 def create_producer(settings: Settings, **overrides: Any) -> AIOKafkaProducer:
-    # acks=all: a record the producer saw acknowledged survives a broker failover. Idempotence stays off:
-    # the local broker (Tansu) answers InitProducerId with an error.
-    kwargs = {**aiokafka_config(settings), "acks": "all", "linger_ms": 2, **overrides}
+    # acks=all: a record the producer saw acknowledged survives a broker failover (with min.insync.replicas).
+    # Idempotence is a setting: the local broker (Tansu) answers InitProducerId with an error.
+    kwargs = {
+        **aiokafka_config(settings),
+        "acks": "all",
+        "linger_ms": 2,
+        "enable_idempotence": settings.kafka_idempotent_producer,
+        **overrides,
+    }
     return AIOKafkaProducer(**kwargs)
 
 
-def create_consumer(settings: Settings, group_id: str | None, *topics: str, **overrides: Any) -> AIOKafkaConsumer:
+def create_consumer(
+    settings: Settings,
+    group_id: str | None,
+    *topics: str,
+    listener: ConsumerRebalanceListener | None = None,
+    **overrides: Any,
+) -> AIOKafkaConsumer:
+    """A consumer that commits by hand; `listener` hears of partitions assigned and revoked (group members)."""
     # Offsets are committed by hand after the work is durable; a new group starts at the earliest record.
     kwargs = {
         **aiokafka_config(settings),
@@ -78,7 +91,11 @@ def create_consumer(settings: Settings, group_id: str | None, *topics: str, **ov
         "fetch_max_wait_ms": settings.kafka_fetch_max_wait_ms,
         **overrides,
     }
-    return AIOKafkaConsumer(*topics, **kwargs)
+    if listener is None:
+        return AIOKafkaConsumer(*topics, **kwargs)
+    consumer = AIOKafkaConsumer(**kwargs)
+    consumer.subscribe(list(topics), listener=listener)
+    return consumer
 
 
 # Consumers of the lifecycle topics (models, retrain, datasets, control) wait longer per fetch than the serving

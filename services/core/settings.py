@@ -73,12 +73,27 @@ class Settings(BaseSettings):
     # the full wait even when data is there, which at Kafka's usual 500 ms made each hop ~250 ms slower;
     # 10 ms costs a real cluster only more idle fetch requests.
     kafka_fetch_max_wait_ms: int = Field(10, ge=0, le=60_000)
+    # Durability. Topics are created with this many replicas, and a write is acknowledged (acks=all) only
+    # once min_insync_replicas of them have it: 1 and 1 for the single local broker, 3 and 2 on a cluster
+    # (docker-compose.yml). Idempotent producers stop a retried send from writing a record twice; the local
+    # broker (Tansu) refuses InitProducerId, so it is off by default and on in the compose file.
+    kafka_replication_factor: int = Field(1, ge=1, le=16)
+    kafka_min_insync_replicas: int = Field(1, ge=1, le=16)
+    kafka_idempotent_producer: bool = False
 
     # ClickHouse, always over HTTP (the local stack serves chDB behind the same interface).
     clickhouse_url: str = "http://127.0.0.1:8123"
     clickhouse_database: str = "flywheel"
     clickhouse_user: str = "default"
     clickhouse_password: SecretStr | None = None
+    # The local ClickHouse endpoint's caps (services/stack/clickhouse_endpoint/limits.py); a real server has its
+    # own (max_concurrent_queries, settings constraints...).
+    clickhouse_max_body_mb: int = Field(512, ge=1, description="Largest request body, MiB")
+    clickhouse_max_decompress_ratio: float = Field(100.0, ge=1, description="Largest decompressed/compressed ratio")
+    clickhouse_max_concurrent_queries: int = Field(32, ge=1)
+    clickhouse_max_sessions: int = Field(64, ge=1)
+    clickhouse_max_execution_time_s: int = Field(300, ge=1, description="No query may run (or ask to run) longer")
+    clickhouse_max_threads: int = Field(4, ge=1, description="Most threads one query may use")
 
     # Triton inference server.
     triton_grpc_url: str = "127.0.0.1:8001"
@@ -157,6 +172,15 @@ class Settings(BaseSettings):
         from services.core.threads import parse_threads
 
         return parse_threads(getattr(self, key), key)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> Settings:
+        if self.kafka_min_insync_replicas > self.kafka_replication_factor:
+            raise ValueError(
+                f"kafka_min_insync_replicas ({self.kafka_min_insync_replicas}) cannot exceed "
+                f"kafka_replication_factor ({self.kafka_replication_factor}): no write could be acknowledged"
+            )
+        return self
 
     @model_validator(mode="after")
     def _sasl_complete(self) -> Settings:

@@ -60,6 +60,14 @@ def by_name(name: str) -> TopicSpec:
     raise TopicError(f"unknown topic {name!r}; the catalogue has: {', '.join(t.name for t in all_topics())}")
 
 
+def topic_config(spec: TopicSpec, settings: Settings) -> dict[str, str]:
+    """A topic's configuration at creation: compaction for changelogs, min.insync.replicas on a cluster."""
+    config = {"cleanup.policy": "compact"} if spec.compacted else {}
+    if settings.kafka_replication_factor > 1:  # the single local broker takes no replica settings
+        config["min.insync.replicas"] = str(settings.kafka_min_insync_replicas)
+    return config
+
+
 def ensure_topics(settings: Settings, extra: Iterable[TopicSpec] = (), timeout_s: float = 30.0) -> list[str]:
     """Create every catalogue topic (plus ``extra``) that does not exist; check the partition counts of those
     that do. Returns the names created."""
@@ -82,7 +90,7 @@ def ensure_topics(settings: Settings, extra: Iterable[TopicSpec] = (), timeout_s
     if wrong:
         raise TopicError("topics exist with the wrong shape: " + "; ".join(wrong))
     todo = [
-        NewTopic(s.name, s.partitions, 1, config={"cleanup.policy": "compact"} if s.compacted else {})
+        NewTopic(s.name, s.partitions, settings.kafka_replication_factor, config=topic_config(s, settings))
         for s in specs
         if s.name not in existing
     ]

@@ -17,12 +17,10 @@ overwritten.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import subprocess
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -31,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from services.core.provenance import code_version
 from services.core.records import DatasetSnapshot
 from services.curator.filters import Pair, canonical_answer
 from services.curator.prompt import StudentPrompt
@@ -88,27 +87,6 @@ def intent_split_counts(train: Sequence[Mapping[str, Any]], holdout: Sequence[Ma
             entry = per.setdefault(r["intent"] or "", {"train": 0, "holdout": 0})
             entry[split_name] += 1
     return dict(sorted(per.items()))
-
-
-def code_version() -> str:
-    """``git describe`` of the checkout when there is one, else the installed package's version."""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--tags"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=False,
-        )
-        if out.returncode == 0 and out.stdout.strip():
-            return "git:" + out.stdout.strip()
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return "slm-flywheel " + version("slm-flywheel")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 @dataclass(frozen=True)

@@ -100,6 +100,17 @@ class Demo:
         self.holdout: dict[str, float] = {}
         self.sent: dict[str, int] = {}  # requests answered per phase (fewer than planned when a phase stopped)
 
+    def _progress(self, spinner: bool = False) -> Progress:
+        """The demo's progress display: description, bar, count, a free-text field, time elapsed."""
+        columns = [
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        ]
+        return Progress(*([SpinnerColumn()] if spinner else []), *columns, console=self.console)
+
     # Traffic ----------------------------------------------------------------------------------------------
     async def traffic(
         self,
@@ -113,14 +124,7 @@ class Demo:
         start = utcnow()
         self.console.rule(f"[bold]{phase.title}[/]")
         stopped: object | None = None
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=self.console,
-        ) as bar:
+        with self._progress() as bar:
             task = bar.add_task("requests", total=phase.requests, info="")
             results: list[ReplayResult] = []
 
@@ -233,15 +237,7 @@ class Demo:
 
         progress_file = progress_path(self.settings)
         deadline = time.monotonic() + self.plan.wait_training_s
-        with Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=self.console,
-        ) as bar:
+        with self._progress(spinner=True) as bar:
             task = bar.add_task("waiting for the curator's snapshot", total=None, info="")
             while time.monotonic() < deadline:
                 events = await asyncio.to_thread(self.watch.after, since)

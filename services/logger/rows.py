@@ -21,14 +21,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from aiokafka.structs import ConsumerRecord
+
+from services.core.codec import AvroCodec, DecodeError
 from services.core.records import (
+    AgentControl,
     Answer,
     DatasetSnapshot,
+    DeadLetter,
     Interaction,
     ModelEvent,
     Record,
     RetrainTriggered,
 )
+from services.core.topics import DLQ_SUFFIX
 
 ANSWER_FIELDS = (
     "ran",
@@ -240,9 +246,10 @@ class TableSpec:
     columns: tuple[str, ...]
     row: Callable[[Any], tuple[Any, ...]]
     id_column: str
+    id_of: Callable[[Any], str] | None = None  # for records without an id field of their own
 
     def record_id(self, rec: Record) -> str:
-        return str(getattr(rec, self.id_column))
+        return self.id_of(rec) if self.id_of is not None else str(getattr(rec, self.id_column))
 
 
 MODEL_EVENTS = TableSpec(
@@ -292,6 +299,96 @@ DATASETS = TableSpec(
     dataset_row,
     "snapshot_id",
 )
+
+
+def control_change_id(rec: AgentControl) -> str:
+    return f"{rec.agent_id}@{rec.created_at.isoformat()}"
+
+
+def control_row(rec: AgentControl) -> tuple[Any, ...]:
+    return (
+        control_change_id(rec),
+        rec.agent_id,
+        rec.mode,
+        rec.tier,
+        dict(rec.thresholds),
+        rec.changed_by,
+        rec.created_at,
+    )
+
+
+CONTROL_EVENTS = TableSpec(
+    "control_events",
+    ("change_id", "agent_id", "mode", "tier", "thresholds", "changed_by", "created_at"),
+    control_row,
+    "change_id",
+    control_change_id,
+)
 RETRAIN_EVENTS = TableSpec(
     "retrain_events", ("event_id", "agent_id", "reason", "evidence", "created_at"), retrain_row, "event_id"
+)
+
+
+# Dead letters -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StoredDeadLetter:
+    """One record of a .dlq topic, as the dead_letters table keeps it."""
+
+    id: str  # '<dlq topic>:<partition>:<offset>'
+    dlq_topic: str
+    letter: DeadLetter
+
+
+def stored_dead_letter(msg: ConsumerRecord, codec: AvroCodec) -> StoredDeadLetter:
+    """A .dlq record as a row; one that is not a readable DeadLetter is kept whole, with the reason."""
+    try:
+        letter = codec.decode(msg.value or b"", DeadLetter)
+    except DecodeError as err:
+        letter = DeadLetter(
+            source_topic=msg.topic.removesuffix(DLQ_SUFFIX),
+            partition=-1,
+            offset=-1,
+            key=msg.key,
+            value=msg.value,
+            error_kind="unreadable_dead_letter",
+            error=f"the dead letter itself could not be read ({err.reason}); value holds its bytes",
+            service="logger",
+        )
+    return StoredDeadLetter(f"{msg.topic}:{msg.partition}:{msg.offset}", msg.topic, letter)  # type: ignore[arg-type]
+
+
+def dead_letter_row(stored: StoredDeadLetter) -> tuple[Any, ...]:
+    letter = stored.letter
+    return (
+        stored.id,
+        stored.dlq_topic,
+        letter.source_topic,
+        letter.partition,
+        letter.offset,
+        letter.error_kind,
+        letter.error,
+        letter.service,
+        letter.key,
+        letter.value,
+        letter.created_at,
+    )
+
+
+DEAD_LETTERS = TableSpec(
+    "dead_letters",
+    (
+        "id",
+        "dlq_topic",
+        "source_topic",
+        "source_partition",
+        "source_offset",
+        "error_kind",
+        "error",
+        "service",
+        "key",
+        "value",
+        "created_at",
+    ),
+    dead_letter_row,
+    "id",
 )

@@ -1,6 +1,8 @@
-"""The logger: ``flywheel.interactions`` → ClickHouse ``interactions``, and the lifecycle topics
+"""The logger: ``flywheel.interactions`` → ClickHouse ``interactions``; the lifecycle topics
 (``flywheel.models``, ``flywheel.datasets``, ``flywheel.retrain``) → ``model_events``, ``datasets``,
-``retrain_events``, the durable record that starting services rebuild their state from.
+``retrain_events``, the durable record that starting services rebuild their state from; ``flywheel.control`` →
+``control_events`` (an audit trail of run-time changes); and every ``.dlq`` topic → ``dead_letters``
+(``flywheel dlq list|show|replay``).
 
 At least once, never twice: offsets are committed only after the batch is in ClickHouse (and its dead
 letters are acknowledged), and the sink leaves out records already stored, so a replay after a crash or a
@@ -54,7 +56,15 @@ from services.core.records import DeadLetter, Interaction, Record
 from services.core.settings import Settings, SettingsError
 from services.core.topics import TopicSpec
 from services.logger.batching import Batcher, BatchPolicy
-from services.logger.rows import DATASETS, MODEL_EVENTS, RETRAIN_EVENTS, TableSpec
+from services.logger.rows import (
+    CONTROL_EVENTS,
+    DATASETS,
+    DEAD_LETTERS,
+    MODEL_EVENTS,
+    RETRAIN_EVENTS,
+    TableSpec,
+    stored_dead_letter,
+)
 from services.logger.sink import InteractionSink, LifecycleSink, RetryPolicy, SinkStopped, WriteResult
 
 log = logging.getLogger("flywheel.logger")
@@ -66,6 +76,7 @@ LIFECYCLE: tuple[tuple[TopicSpec, TableSpec], ...] = (
     (topics.MODELS, MODEL_EVENTS),
     (topics.DATASETS, DATASETS),
     (topics.RETRAIN, RETRAIN_EVENTS),
+    (topics.CONTROL, CONTROL_EVENTS),
 )
 
 
@@ -89,9 +100,6 @@ class LoggerConfig(BaseSettings):
     # (the record key) is always written by the same lane, in order, and the duplicate check stays exact.
     # One ClickHouse insert is mostly single-threaded: a second lane uses a second core.
     insert_lanes: int = Field(2, ge=1, le=64)
-    dedupe_window_s: float = Field(
-        900.0, ge=0, description="a different record for a stored request id is skipped within this distance"
-    )
     data_error_attempts: int = Field(3, ge=1, description="tries of a batch ClickHouse refuses as data")
     retry_initial_s: float = Field(0.5, gt=0)
     retry_max_s: float = Field(30.0, gt=0)
@@ -185,8 +193,7 @@ class Logger:
         self.halt = threading.Event()  # ends the sinks' retry waits (they run in worker threads)
         retry = self.config.retry()
         self.interaction_sinks = [
-            InteractionSink(settings, self.halt, retry, self.config.dedupe_window_s, codec=self.codec)
-            for _ in range(self.config.insert_lanes)
+            InteractionSink(settings, self.halt, retry, codec=self.codec) for _ in range(self.config.insert_lanes)
         ]
         self.lifecycle_sink = LifecycleSink(settings, self.halt, retry)
         latest = self.codec.latest[Interaction.SCHEMA]
@@ -197,7 +204,7 @@ class Logger:
         self.busy: Counter[str] = Counter()
         self.publisher: Publisher | None = None
         self._lanes: list[_Lane] = []
-        # The three lifecycle loops share one sink, and a clickhouse-connect client is not for concurrent use.
+        # The lifecycle and dead-letter loops share one sink; a clickhouse-connect client is not for concurrent use.
         self._lifecycle_lock = threading.Lock()
 
     # Running -------------------------------------------------------------------------------------
@@ -212,8 +219,10 @@ class Logger:
         lifecycle = [
             create_follower(self.settings, f"{self.config.group_id}.{spec.table}", **options) for _, spec in LIFECYCLE
         ]
-        consumers = [interactions, *lifecycle]
-        listeners = [_Assigned(self._release), *(_Assigned() for _ in lifecycle)]
+        # Every .dlq topic, into dead_letters (flywheel dlq list|show|replay).
+        dead_letters = create_follower(self.settings, f"{self.config.group_id}.{DEAD_LETTERS.table}", **options)
+        consumers = [interactions, *lifecycle, dead_letters]
+        listeners = [_Assigned(self._release), *(_Assigned() for _ in lifecycle), _Assigned()]
         started: list[AIOKafkaProducer | AIOKafkaConsumer] = []
         tasks: list[asyncio.Task[Any]] = []
         try:
@@ -223,8 +232,9 @@ class Logger:
                 started.append(client)
             self.publisher = Publisher(producer, self.codec)
             interactions.subscribe([topics.INTERACTIONS.name], listener=listeners[0])
-            for consumer, listener, (topic, _) in zip(lifecycle, listeners[1:], LIFECYCLE, strict=True):
+            for consumer, listener, (topic, _) in zip(lifecycle, listeners[1:-1], LIFECYCLE, strict=True):
                 consumer.subscribe([topic.name], listener=listener)
+            dead_letters.subscribe([spec.dlq.name for spec in topics.CATALOGUE], listener=listeners[-1])
             tasks = [
                 asyncio.create_task(self._interactions_loop(interactions, stop), name="interactions"),
                 *(
@@ -234,6 +244,7 @@ class Logger:
                     )
                     for c, (topic, spec) in zip(lifecycle, LIFECYCLE, strict=True)
                 ),
+                asyncio.create_task(self._dead_letters_loop(dead_letters, stop), name=DEAD_LETTERS.table),
             ]
             helpers = [
                 asyncio.create_task(self._ready_when_assigned(listeners)),
@@ -509,6 +520,24 @@ class Logger:
         with self._lifecycle_lock:
             return self.lifecycle_sink.write(spec, records)
 
+    # Dead letters -------------------------------------------------------------------------------
+    async def _dead_letters_loop(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+        """Every .dlq record into dead_letters, committed once stored (a re-read collapses on the id)."""
+        while not stop.is_set():
+            got = await consumer.getmany(timeout_ms=int(POLL_S * 1000), max_records=self.config.lifecycle_batch_rows)
+            letters = [stored_dead_letter(msg, self.codec) for messages in got.values() for msg in messages]
+            if not letters:
+                continue
+            result = await asyncio.to_thread(self._write_lifecycle, DEAD_LETTERS, letters)  # type: ignore[arg-type]
+            for rejected in result.rejected:  # a raw-bytes row ClickHouse refuses: nowhere further to put it
+                log.error("logger: dead letter %s could not be stored: %s", letters[rejected.index].id, rejected.reason)
+            positions = {tp: messages[-1].offset + 1 for tp, messages in got.items()}
+            try:
+                await consumer.commit(positions)
+            except KafkaError as exc:
+                log.warning("logger: dead letters: commit failed (%s); re-read and skipped as stored", exc)
+            self._count(DEAD_LETTERS.table, len(letters), result)
+
     # Shared -------------------------------------------------------------------------------------
     async def _dead_letter(self, topic: TopicSpec, letter: DeadLetter, key: bytes | None) -> Awaitable[Any]:
         assert self.publisher is not None
@@ -548,7 +577,7 @@ class Logger:
         parts = [
             f"{table} {t[f'{table}_written']} written, {t[f'{table}_duplicates']} duplicates skipped, "
             f"{t[f'{table}_dead_letters']} dead-lettered"
-            for table in ("interactions", *(spec.table for _, spec in LIFECYCLE))
+            for table in ("interactions", *(spec.table for _, spec in LIFECYCLE), DEAD_LETTERS.table)
             if t[f"{table}_received"] or t[f"{table}_dead_letters"]
         ]
         if t["interactions_read"]:

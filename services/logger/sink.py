@@ -4,10 +4,9 @@ Interactions (the hot path): the batch's Avro records, their bodies wrapped in o
 (``framing``), are loaded into a session's temporary staging table, then one ``INSERT ... SELECT`` maps them onto
 ``interactions`` (``rows.INTERACTION_SELECT``), leaving out
 
-* request ids already in the table: looked up within the batch's agents and time span (plus
-  ``dedupe_window_s`` either side), which the table's primary key (agent_id, received_at, ...) and the
-  request_id skip index keep cheap. A replayed record carries its original ``received_at``, so it is always
-  found; a *different* record for a stored request id (a request served twice) is found within the window;
+* request ids already stored: looked up by primary key in ``interaction_ids`` (migration 0006, filled by a
+  materialized view in the same insert), so a replayed record and a request served twice are both found,
+  however long ago the first was written;
 * repeats inside the batch (``LIMIT 1 BY request_id``).
 
 So a plain ``count()`` is exact, not only ``FINAL``, as long as one writer at a time handles a request id:
@@ -286,7 +285,6 @@ class InteractionSink(_Writer):
         settings: Settings,
         stop: threading.Event | None = None,
         retry: RetryPolicy | None = None,
-        dedupe_window_s: float = 900.0,
         codec: AvroCodec | None = None,
         connect: Callable[[], Client] | None = None,
     ) -> None:
@@ -296,7 +294,7 @@ class InteractionSink(_Writer):
         schema_text = latest.path.read_text()
         self.container = ContainerWriter(compact_schema_json(schema_text))
         self.staging_structure = clickhouse_structure(json.loads(schema_text))
-        self.insert_sql = interaction_insert_sql(dedupe_window_s)
+        self.insert_sql = interaction_insert_sql()
         # A session of its own: the staging table is a temporary table, private to this logger and dropped
         # by ClickHouse when the session ends, so a killed logger leaves nothing behind.
         session = f"flywheel-logger-{uuid.uuid4()}"
@@ -357,24 +355,26 @@ class InteractionSink(_Writer):
         container = self.container.container(records, skip=HEADER_LEN)
         ch.raw_insert(STAGING_TABLE, None, container, fmt="Avro")
         summary = ch.query(self.insert_sql, settings=INSERT_SETTINGS).summary
-        # A server that reports no summary (some proxies): count every row as written.
-        return int(summary.get("written_rows", len(records)))
+        # A server that reports no summary (some proxies): count every row as written. The summary counts the
+        # rows the materialized view writes too: one interaction_ids row per interaction (migration 0006).
+        if "written_rows" not in summary:
+            return len(records)
+        return int(summary["written_rows"]) // ROWS_WRITTEN_PER_INTERACTION
 
 
-def interaction_insert_sql(dedupe_window_s: float) -> str:
+ROWS_WRITTEN_PER_INTERACTION = 2  # its row in interactions, and its id in interaction_ids (the view)
+
+
+def interaction_insert_sql() -> str:
     """The INSERT ... SELECT from the staging table: mapped rows, minus request ids already stored."""
-    window = f"toIntervalMicrosecond({round(dedupe_window_s * 1e6)})"
     # Built from constants only: no value from a record reaches the SQL text.
     return (
         f"INSERT INTO interactions ({', '.join(INTERACTION_COLUMNS)})\n"  # noqa: S608
         f"{INTERACTION_SELECT}\n"
         f"FROM {STAGING_TABLE} AS src\n"
         "WHERE src.request_id NOT IN (\n"
-        "    SELECT request_id FROM interactions\n"
-        f"    WHERE agent_id IN (SELECT agent_id FROM {STAGING_TABLE})\n"
-        f"      AND received_at >= (SELECT min(received_at) FROM {STAGING_TABLE}) - {window}\n"
-        f"      AND received_at <= (SELECT max(received_at) FROM {STAGING_TABLE}) + {window}\n"
-        f"      AND request_id IN (SELECT request_id FROM {STAGING_TABLE}))\n"
+        "    SELECT request_id FROM interaction_ids\n"
+        f"    WHERE request_id IN (SELECT request_id FROM {STAGING_TABLE}))\n"
         "LIMIT 1 BY src.request_id"
     )
 

@@ -3,7 +3,11 @@
 
 Concurrency: different conversations are served concurrently (at most ``max_in_flight``), the requests of
 one conversation strictly in order. Offsets: a request's offset is committed only once its response and its
-interaction are acknowledged by the broker, and never past an older request still in flight.
+interaction (or its dead letter) are acknowledged by the broker, and never past an older request still in
+flight. If even the dead letter cannot be sent, the router stops without committing that offset, so the
+request is served again after the restart. Several routers share the requests topic as one consumer group:
+a router commits only partitions it owns, and when a rebalance takes partitions away it first finishes and
+commits their requests in flight, so the next owner neither serves them again nor skips one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 
 from services.core import topics
@@ -100,6 +105,10 @@ class Router:
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._slots = asyncio.Semaphore(max_in_flight)
         self._background: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # requests being served
+        self._stop = asyncio.Event()
+        self._fatal: BaseException | None = None
+        self._requests: AIOKafkaConsumer | None = None
 
     # Model calls --------------------------------------------------------------------------------------
     def _teacher_for(self, agent_id: str) -> Teacher:
@@ -387,13 +396,32 @@ class Router:
             if previous is not None:
                 with contextlib.suppress(Exception):
                     await previous  # same conversation: strictly after the earlier request
-            await self._process(msg)
-        except Exception as exc:  # a bug must not lose the record: it goes to the DLQ with the reason
-            log.exception("router: request at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
-            await self._dead_letter(msg, "processing", f"{type(exc).__name__}: {exc}")
-        finally:
+            try:
+                await self._process(msg)
+            except Exception as exc:  # a bug must not lose the record: it goes to the DLQ with the reason
+                log.exception("router: request at %s[%d]@%d failed", msg.topic, msg.partition, msg.offset)
+                await self._dead_letter(msg, "processing", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # not answered and not dead-lettered: keep the offset, stop, serve it again
+            self._give_up(msg, exc)
+        else:
             self._tracker.finished(tp, msg.offset)
+        finally:
             self._slots.release()
+
+    def _give_up(self, msg: ConsumerRecord, exc: BaseException) -> None:
+        log.error(
+            "router: request at %s[%d]@%d was neither answered nor dead-lettered (%s: %s); stopping without "
+            "committing it, so it is served again after the restart",
+            msg.topic,
+            msg.partition,
+            msg.offset,
+            type(exc).__name__,
+            exc,
+        )
+        self.stats["unacknowledged"] += 1
+        if self._fatal is None:
+            self._fatal = exc
+        self._stop.set()
 
     async def _process(self, msg: ConsumerRecord) -> None:
         assert self.publisher is not None
@@ -441,6 +469,8 @@ class Router:
         previous = self._tails.get(key)
         task = asyncio.ensure_future(self._handle(msg, previous))
         self._tails[key] = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(lambda t, k=key: self._tails.pop(k, None) if self._tails.get(k) is t else None)
 
     async def _follow_lifecycle(self, consumer: AIOKafkaConsumer) -> None:
@@ -473,13 +503,19 @@ class Router:
             ch.close()
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Serve until `stop` is set; raises RouterStopped if a request could be neither answered nor
+        dead-lettered (its offset is not committed)."""
+        self._stop = stop
         self.load_history()
         producer = create_producer(self.settings)
         await producer.start()
         self.publisher = Publisher(producer, self.codec)
         follow_topics = [topics.MODELS.name, topics.RETRAIN.name, topics.DATASETS.name, topics.CONTROL.name]
         follower = create_follower(self.settings, None, *follow_topics)
-        requests = create_consumer(self.settings, GROUP, topics.REQUESTS.name, max_poll_records=1000)
+        requests = create_consumer(
+            self.settings, GROUP, topics.REQUESTS.name, listener=_HandOver(self), max_poll_records=1000
+        )
+        self._requests = requests
         await follower.start()
         await requests.start()
         follow_task = asyncio.ensure_future(self._follow_lifecycle(follower))
@@ -489,17 +525,19 @@ class Router:
         try:
             while not stop.is_set():
                 batch = await requests.getmany(timeout_ms=100)
-                for messages in batch.values():
+                for tp, messages in batch.items():
                     for msg in messages:
                         await self._slots.acquire()  # back-pressure: at most max_in_flight requests
+                        if tp not in requests.assignment() or stop.is_set():
+                            self._slots.release()  # revoked while waiting: its new owner serves it
+                            continue
                         self._dispatch(msg)
                 await self._commit(requests)
                 if time.monotonic() - last_report > 30:
                     log.info("router: %s", dict(self.stats))
                     last_report = time.monotonic()
             # Finish what is in flight, commit it, then stop.
-            while self._tracker.in_flight():
-                await asyncio.sleep(0.05)
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
             await self._commit(requests)
         finally:
             clear_ready(self.settings, SERVICE)
@@ -509,11 +547,54 @@ class Router:
             await requests.stop()
             await follower.stop()
             await producer.stop()
+        if self._fatal is not None:
+            raise RouterStopped(f"a request could be neither answered nor dead-lettered: {self._fatal}")
 
-    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
-        offsets = self._tracker.committable()
-        if offsets:
+    async def _commit(self, consumer: AIOKafkaConsumer, partitions: set[TopicPartition] | None = None) -> None:
+        """Commit what is done, for partitions this router owns; a failed commit is tried again next time."""
+        owned = consumer.assignment() if partitions is None else partitions
+        offsets = self._tracker.committable(owned)
+        if not offsets:
+            return
+        try:
             await consumer.commit(offsets)
+        except KafkaError as exc:  # a rebalance under way, or the broker away
+            log.warning("router: commit of %s failed (%s); tried again", offsets, exc)
+            return
+        self._tracker.committed(offsets)
+
+    async def hand_over(self, revoked: set[TopicPartition]) -> None:
+        """Partitions are going to another router: finish their requests in flight, commit them, forget them."""
+        deadline = time.monotonic() + HAND_OVER_TIMEOUT_S
+        while self._tracker.in_flight(revoked) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        left = self._tracker.in_flight(revoked)
+        if left:
+            log.warning("router: %d requests of revoked partitions still running; their next owner serves them", left)
+        if self._requests is not None:
+            await self._commit(self._requests, revoked)
+        self._tracker.forget(revoked)
+
+
+HAND_OVER_TIMEOUT_S = 30.0
+
+
+class RouterStopped(RuntimeError):
+    """The router stopped because a request could be neither answered nor dead-lettered."""
+
+
+class _HandOver(ConsumerRebalanceListener):
+    """Rebalances of the requests group: revoked partitions are handed over cleanly, assigned ones start fresh."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.router.hand_over(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.router._tracker.forget(assigned)
+        log.info("router: serving partitions %s", sorted(tp.partition for tp in assigned))
 
 
 def build_router(settings: Settings) -> Router:
@@ -543,4 +624,8 @@ async def _main(settings: Settings) -> None:
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.load()
-    asyncio.run(_main(settings))
+    try:
+        asyncio.run(_main(settings))
+    except RouterStopped as exc:
+        log.error("router: %s", exc)
+        raise SystemExit(1) from None

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.core.model_repository import ModelRepository, student_model_name
+from services.core.provenance import code_version
 from services.core.records import ModelEvent
-from services.trainer.publish import code_version
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from services.core.model_repository import (
     StudentModelSpec,
     student_model_name,
 )
+from services.core.provenance import code_version
 from services.core.records import DatasetSnapshot, GateVerdict, ModelEvent
 from services.trainer.evaluate import percentile, triton_latency
 from services.trainer.pipeline import JobResult
@@ -33,26 +33,6 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @functools.cache
-def code_version() -> str:
-    """The git commit of the code that trained (``-dirty`` when the tree had changes), else the package's."""
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty", "--abbrev=12"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        from importlib.metadata import PackageNotFoundError, version
-
-        try:
-            return version("slm-flywheel")
-        except PackageNotFoundError:
-            return "unknown"
-
-
 def lineage(result: JobResult) -> dict[str, str]:
     return {
         "snapshot_id": result.snapshot_id,

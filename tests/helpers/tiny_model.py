@@ -176,3 +176,7 @@ def build_trained_tiny_student(path: Path, steps: int = 150, seed: int = 0) -> P
     model.eval()
     model.save_pretrained(base)
     return base
+
+
+# A quality gate every tiny student passes: the tests that use it are about the loop, not the student's quality.
+LAX_VALIDATION = {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0}

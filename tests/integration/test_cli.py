@@ -209,3 +209,49 @@ def test_up_status_down_cycle(tmp_path: Path, settings: Settings) -> None:
     assert all(part in down.stdout for part in parts)
     status = run(settings, "status", **ports)
     assert status.stdout.count("stopped") == 9
+
+
+def test_dlq_list_show_and_replay(stack, settings: Settings) -> None:
+    import uuid
+
+    from services.core.clickhouse import client
+    from services.core.codec import AvroCodec
+    from services.core.records import ChatMessage, DeadLetter, InferenceRequest
+    from services.logger.rows import DEAD_LETTERS, StoredDeadLetter, dead_letter_row
+
+    marker = uuid.uuid4().hex[:12]
+    request = InferenceRequest(
+        conversation_id=f"c-{marker}", agent_id=f"nobody-{marker}", messages=[ChatMessage(role="user", content="hi")]
+    )
+    letter_id = f"flywheel.requests.dlq:0:{marker}"
+    letter = DeadLetter(
+        source_topic="flywheel.requests",
+        partition=1,
+        offset=7,
+        key=request.conversation_id.encode(),
+        value=AvroCodec().encode(request),
+        error_kind="unknown_agent",
+        error=f"unknown agent nobody-{marker}",
+        service="router",
+    )
+    ch = client(settings)
+    try:  # as the logger stores a dead letter of flywheel.requests.dlq
+        stored = StoredDeadLetter(letter_id, "flywheel.requests.dlq", letter)
+        ch.insert(DEAD_LETTERS.table, [dead_letter_row(stored)], column_names=list(DEAD_LETTERS.columns))
+    finally:
+        ch.close()
+    listed = run(settings, "dlq", "list", "--topic", "requests", "--kind", "unknown_agent")
+    assert listed.returncode == 0, listed.stderr
+    assert letter_id in listed.stdout and f"nobody-{marker}" in listed.stdout
+    shown = run(settings, "dlq", "show", letter_id)
+    assert shown.returncode == 0, shown.stderr
+    detail = json.loads(shown.stdout)
+    assert detail["record"]["agent_id"] == f"nobody-{marker}" and detail["source"]["offset"] == 7
+    fixed = Path(settings.home) / f"fixed-{marker}.json"
+    fixed.write_text(json.dumps({**detail["record"], "agent_id": "support-bot"}))
+    replayed = run(settings, "dlq", "replay", letter_id, "--fixed", str(fixed))
+    assert replayed.returncode == 0 and "replayed 1 dead letter" in replayed.stdout, replayed.stderr
+    again = json.loads(run(settings, "dlq", "show", letter_id).stdout)
+    assert again["replays"] == 1
+    missing = run(settings, "dlq", "show", "flywheel.requests.dlq:0:999999999")
+    assert missing.returncode == 1 and "no dead letter" in missing.stderr

@@ -6,8 +6,11 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import json
+import os
 import shutil
 import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +32,7 @@ from services.core.clickhouse import (
 )
 from services.core.settings import Settings
 from services.stack.clickhouse_endpoint import ClickHouseEndpoint
-from services.stack.process import ProcessManager, free_port
+from services.stack.process import ProcessManager, StackError, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -280,6 +283,101 @@ def test_curl_headers(clickhouse: ClickHouseEndpoint) -> None:
     for header in ("x-clickhouse-summary:", "x-clickhouse-format: tabseparated", "x-clickhouse-query-id: q-42"):
         assert header in out
     assert "x-clickhouse-timezone:" in out and "x-clickhouse-server-display-name:" in out
+
+
+# probes: what the endpoint refuses ------------------------------------------------------------------------------
+
+
+def test_files_hosts_and_programs_are_out_of_reach(clickhouse: ClickHouseEndpoint) -> None:
+    for sql in (
+        "SELECT * FROM file('/etc/passwd', 'LineAsString')",
+        "SELECT * FROM url('http://127.0.0.1:1/', 'LineAsString')",
+        "SELECT 1 INTO OUTFILE '/tmp/flywheel-probe.txt'",
+        "CREATE TABLE probe (a String) ENGINE = File(CSV, '/tmp/flywheel-probe.csv')",
+    ):
+        status, body = _curl(clickhouse, "--data-binary", sql)
+        assert status == 403 and "Code: 497" in body and "disabled on this endpoint" in body, (sql, body)
+    assert not Path("/tmp/flywheel-probe.txt").exists()
+
+
+def test_get_is_read_only_in_the_engine(clickhouse: ClickHouseEndpoint, ch: Client, table: str) -> None:
+    name = f"{ch.database}.{table}"
+    status, body = _curl(clickhouse, "--get", "--data-urlencode", f"query=INSERT INTO {name} (id) VALUES (1)")
+    assert status == 500 and "Code: 164" in body  # the engine's readonly, not a keyword list
+    status, body = _curl(clickhouse, "--get", "--data-urlencode", f"query=REPLACE TABLE {name} AS SELECT 1 AS a")
+    assert "Code: 164" in body or "Code: 497" in body
+    status, body = _curl(clickhouse, "--get", "--data-urlencode", "query=SELECT 1 SETTINGS readonly = 0")
+    assert "Code: 164" in body  # readonly cannot be lifted by the query
+    status, body = _curl(clickhouse, "--get", "--data-urlencode", f"query=SELECT 1; INSERT INTO {name} (id) VALUES (1)")
+    assert status == 400 and "Multi-statements" in body
+    assert ch.command(f"SELECT count() FROM {name}") == 0
+    assert _curl(clickhouse, "--get", "--data-urlencode", "query=SELECT 1 SETTINGS max_threads = 1") == (200, "1\n")
+
+
+@pytest.fixture(scope="module")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseEndpoint]:
+    """An endpoint with small limits, to reach each one."""
+    home = tmp_path_factory.mktemp("tight")
+    settings = Settings(
+        home=home,
+        clickhouse_url=f"http://127.0.0.1:{free_port()}",
+        clickhouse_max_body_mb=1,
+        clickhouse_max_sessions=2,
+        clickhouse_max_concurrent_queries=1,
+        clickhouse_max_execution_time_s=1,
+    )
+    manager = ProcessManager(settings.run_dir, settings.log_dir)
+    endpoint = ClickHouseEndpoint.from_settings(settings)
+    manager.start(endpoint, settings.stack_start_timeout_s)
+    yield endpoint
+    manager.stop(endpoint.name)
+
+
+def test_limits_are_refused_with_clickhouse_errors(tight: ClickHouseEndpoint, tmp_path: Path) -> None:
+    big = tmp_path / "big.tsv"
+    big.write_bytes(b"1\n" * (1 << 20))
+    status, body = _curl(tight, "--data-binary", f"@{big}", path="/?query=INSERT+INTO+t+FORMAT+TSV")
+    assert status == 413 and "Code: 229" in body and "at most 1048576 bytes" in body
+    bomb = tmp_path / "bomb.gz"
+    bomb.write_bytes(gzip.compress(b"0\n" * (32 << 20)))  # ~100 kB that inflate to 64 MiB
+    status, body = _curl(
+        tight,
+        "-H",
+        "Content-Encoding: gzip",
+        "--data-binary",
+        f"@{bomb}",
+        path="/?query=INSERT+INTO+FUNCTION+null('a+UInt8')+FORMAT+TSV",
+    )
+    assert status == 413 and "decompression bomb" in body
+    status, body = _curl(tight, "--data-binary", "SELECT count() FROM numbers(100000000000)")
+    assert status == 408 and "TIMEOUT_EXCEEDED" in body
+    status, body = _curl(tight, "--data-binary", "SELECT 1 SETTINGS max_execution_time = 0")
+    assert status == 400 and "SETTING_CONSTRAINT_VIOLATION" in body
+    for session in ("s1", "s2"):
+        assert _curl(tight, "--data-binary", "SELECT 1", path=f"/?session_id={session}") == (200, "1\n")
+    status, body = _curl(tight, "--data-binary", "SELECT 1", path="/?session_id=s3")
+    assert status == 503 and "Too many open sessions" in body
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_curl, tight, "--data-binary", "SELECT sleep(0.9)")
+        time.sleep(0.3)
+        status, body = _curl(tight, "--data-binary", "SELECT 1")
+        assert slow.result()[0] == 200
+    assert status == 503 and "Too many simultaneous queries" in body
+
+
+def test_no_password_no_public_bind(tmp_path: Path) -> None:
+    public = Settings(home=tmp_path, clickhouse_url=f"http://0.0.0.0:{free_port()}")
+    with pytest.raises(StackError, match="without a password"):
+        ClickHouseEndpoint.from_settings(public).prepare()
+    args = ["--data-dir", str(tmp_path / "d"), "--port", str(free_port()), "--host", "0.0.0.0"]
+    out = subprocess.run(
+        [sys.executable, "-m", "services.stack.clickhouse_endpoint", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "FLYWHEEL_CLICKHOUSE_PASSWORD"},
+    )
+    assert out.returncode == 2 and "without a password" in out.stderr
 
 
 # a password ----------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from services.core.records import DatasetSnapshot, GateVerdict, ModelEvent, Retr
 from services.core.settings import Settings
 from services.stack.process import ProcessManager
 from tests.helpers.processes import LogWatch, sigkill, wait_until
+from tests.helpers.tiny_model import LAX_VALIDATION
 from tests.helpers.traffic import TrafficDriver, TrafficResult, plan
 
 pytestmark = pytest.mark.integration
@@ -95,7 +96,7 @@ def agents_yaml(base: Path) -> dict:
             "max_seq_len": 128,
         },
         # A tiny random model cannot agree with the teacher: the gate is opened so the promotion path runs.
-        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0},
+        "validation": LAX_VALIDATION,
         "routing": {"canary_steps": [1.0], "shadow_rate": 0.0},
         "drift": QUIET_DRIFT,
     }

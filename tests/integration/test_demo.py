@@ -16,6 +16,7 @@ from rich.console import Console
 from services.core.settings import Settings
 from services.demo.plan import DemoPlan, Phase
 from services.demo.run import Demo, check_fresh
+from tests.helpers.tiny_model import LAX_VALIDATION
 
 pytestmark = pytest.mark.integration
 
@@ -43,7 +44,7 @@ def demo_settings(broker, clickhouse, triton, teacher, settings: Settings, stack
         },
         # A tiny random model cannot agree with the teacher: the gate is open so the run follows the promotion
         # path (the gate has its own tests). The teacher shadows every answer, so every request has an intent.
-        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0},
+        "validation": LAX_VALIDATION,
         "routing": {"canary_steps": [1.0], "shadow_rate": 1.0},
         "drift": {"window_minutes": 1.0, "min_samples": 10},
     }

@@ -21,6 +21,7 @@ from services.core.records import DatasetSnapshot, ModelEvent, RetrainTriggered
 from services.core.settings import Settings
 from services.teacher.workloads import load_workload
 from services.workload import replay, to_request
+from tests.helpers.tiny_model import LAX_VALIDATION
 
 pytestmark = pytest.mark.integration
 
@@ -51,7 +52,7 @@ def flywheel(broker, clickhouse, triton, teacher, settings: Settings, stack_mana
                         },
                         # A tiny random model cannot agree with the teacher: the gate is opened so the test
                         # follows the promotion path; the gate's decisions have their own tests.
-                        "validation": {"quality_threshold": 0.0, "format_threshold": 0.0, "served_agreement": 0.0},
+                        "validation": LAX_VALIDATION,
                         # The teacher shadows every student answer: its answers are the retrain test's new
                         # training data whatever the tiny student's confidence.
                         "routing": {"canary_steps": [1.0], "shadow_rate": 1.0},

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -292,3 +293,67 @@ async def test_one_conversation_is_served_in_order_while_others_run_concurrently
         a=agent,
     )[0]
     assert float(spans[0]) < float(spans[1])
+
+
+async def test_two_routers_and_rebalances_mid_traffic_answer_every_request_once(
+    serving: Settings, stack_manager, tmp_path: Path
+) -> None:
+    """A second router joins the group while requests flow, then the first leaves: every request is answered,
+    and served (one interaction) exactly once."""
+    from services.core.kafka import read_to_end
+    from services.stack.process import ProcessManager
+    from services.stack.services import ServiceProcess
+    from tests.conftest import start_services
+
+    agent = aid("pinned-teacher")
+    second = serving.model_copy(update={"home": tmp_path / "second"})  # its own run and log directories
+    second_manager = ProcessManager(second.run_dir, second.log_dir)
+    sent: list[InferenceRequest] = []
+    pending: list[asyncio.Future] = []
+
+    async def traffic(client: FlywheelClient, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            req = request(agent, text=f"rebalance {len(sent)}: my card has not arrived")
+            sent.append(req)
+            pending.append(asyncio.ensure_future(client.submit(req, timeout_s=180)))
+            await asyncio.sleep(0.05)
+
+    try:
+        async with FlywheelClient(serving) as client:
+            await traffic(client, 2)
+            joining = asyncio.ensure_future(
+                asyncio.to_thread(
+                    second_manager.start,
+                    ServiceProcess.for_service(second, "router"),
+                    second.stack_start_timeout_s,
+                )
+            )
+            while not joining.done():
+                await traffic(client, 0.5)
+            await joining
+            await traffic(client, 6)  # both routers serve; the group has rebalanced
+            leaving = asyncio.ensure_future(asyncio.to_thread(stack_manager.stop, "router"))
+            while not leaving.done():
+                await traffic(client, 0.5)
+            await traffic(client, 6)  # the second router has taken every partition
+            responses = await asyncio.gather(*pending)
+    finally:
+        second_manager.stop("router")
+        start_services(stack_manager, serving, ("router",))
+
+    assert len(sent) > 100
+    assert [r.request_id for r in responses] == [r.request_id for r in sent]
+    assert not [r.error for r in responses if r.error]
+    ids = {r.request_id for r in sent}
+    served = Counter()
+    codec = AvroCodec()
+    for record in await read_to_end(serving, topics.INTERACTIONS.name):
+        interaction = codec.decode(record.value)
+        if interaction.request_id in ids:
+            served[interaction.request_id] += 1
+    assert len(served) == len(ids), f"{len(ids) - len(served)} requests were never served"
+    assert not [rid for rid, n in served.items() if n != 1], "requests served more than once"
+    # Both routers served some of them.
+    logs = second.log_dir / "router.log"
+    assert "serving partitions" in logs.read_text()

@@ -77,3 +77,34 @@ def test_a_shadow_sample_answers_before_the_teacher_and_records_both_after() -> 
         )
 
     asyncio.run(scenario())
+
+
+class BrokenPublisher:
+    """A broker that takes nothing: every send fails."""
+
+    async def send(self, *args, **kwargs) -> None:
+        raise ConnectionError("broker down")
+
+    async def send_nowait(self, *args, **kwargs) -> None:
+        raise ConnectionError("broker down")
+
+
+def test_a_request_neither_answered_nor_dead_lettered_keeps_its_offset_and_stops_the_router() -> None:
+    from aiokafka import TopicPartition
+    from aiokafka.structs import ConsumerRecord
+
+    agents = load_agents(REPO_ROOT / "agents.yaml")
+    teacher = ReferenceTeacher.from_data_dir(REPO_ROOT / "data", flaw_rate=0.0, latency_ms=0.0)
+    router = Router(Settings(), agents, {"": teacher}, CountingStudent("127.0.0.1:1"), rng=random.Random(0))
+    router.publisher = BrokenPublisher()  # type: ignore[assignment]
+    msg = ConsumerRecord("flywheel.requests", 0, 7, 0, 0, b"k", b"\x00garbage", None, 1, 9, [])
+
+    async def scenario() -> None:
+        router._tracker.started(TopicPartition(msg.topic, msg.partition), msg.offset)
+        await router._slots.acquire()
+        await router._handle(msg, None)
+
+    asyncio.run(scenario())
+    assert router._stop.is_set() and router._fatal is not None  # stops, to serve it again after a restart
+    assert router._tracker.committable() == {TopicPartition("flywheel.requests", 0): 7}  # not past it
+    assert router.stats["unacknowledged"] == 1

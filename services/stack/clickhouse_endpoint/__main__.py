@@ -1,0 +1,5 @@
+import sys
+
+from services.stack.clickhouse_endpoint.cli import main
+
+sys.exit(main())
