@@ -34,7 +34,6 @@ from services.core.records import DatasetSnapshot
 from services.curator.filters import Pair, canonical_answer
 from services.curator.prompt import StudentPrompt
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 FILES = ("train.jsonl", "holdout.jsonl", "prompt.json")
 
 

@@ -176,7 +176,7 @@ class DemoReport:
     finished_at: datetime
     phases: list[PhaseFigures] = field(default_factory=list)
     timeline: list[TimelineEntry] = field(default_factory=list)
-    holdout: dict[str, float] = field(default_factory=dict)  # the last promotion's metrics
+    holdout: dict[str, float] = field(default_factory=dict)  # the last promotion's metrics (or a rejected first)
     notes: list[str] = field(default_factory=list)
     prices: Tier = field(default_factory=lambda: DEFAULT_TIERS["cost-optimized"])  # the tier's prices
 

@@ -348,7 +348,11 @@ class Demo:
         self.record_phase(grace, start)
         verdict = await self.train_until_verdict(start, grace)
         if verdict.kind != "promoted":
-            self.notes.append("the first candidate was rejected: the student never went live")
+            self.holdout = dict(verdict.metrics)  # the rejected candidate's figures: how far it was
+            self.notes.append(
+                f"the first candidate was rejected (holdout agreement "
+                f"{verdict.metrics.get('agreement', float('nan')):.3f}): the student never went live"
+            )
             return self.report()
         self._promoted(verdict)
 

@@ -11,10 +11,8 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from services.core.model_repository import (
     DEFAULT_PROBE,
@@ -29,10 +27,8 @@ from services.trainer.evaluate import percentile, triton_latency
 from services.trainer.pipeline import JobResult
 
 log = logging.getLogger("flywheel.trainer")
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-@functools.cache
 def lineage(result: JobResult) -> dict[str, str]:
     return {
         "snapshot_id": result.snapshot_id,
