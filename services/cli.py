@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -19,8 +20,21 @@ from services.core.settings import Settings, SettingsError
 if TYPE_CHECKING:
     from services.router.state import RouterState
 
-console = Console()
-err_console = Console(stderr=True)
+# Rich cuts tables to 80 columns when the output is not a terminal (a log file, CI), which turned figures into
+# "$0.1…". Outside a terminal: $COLUMNS if set, else wide enough that numbers stay whole.
+WIDE_OUTPUT = 200
+
+
+def output_width(stream: Any) -> int | None:
+    """The width for a console writing to `stream`: None (ask the terminal) for a terminal."""
+    if hasattr(stream, "isatty") and stream.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) > 0 else WIDE_OUTPUT
+
+
+console = Console(width=output_width(sys.stdout))
+err_console = Console(stderr=True, width=output_width(sys.stderr))
 F = TypeVar("F", bound=Callable[..., Any])
 
 
