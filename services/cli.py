@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -541,6 +542,29 @@ def agent_set(agent_id: str, mode: str | None, tier: str | None, thresholds: tup
     console.print(f"{agent_id}: " + ", ".join(f"{k}={v}" for k, v in changes.items()))
 
 
+@main.command("import")
+@click.option("--agent", "agent_id", required=True, help="The agent whose history it is (of agents.yaml)")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@friendly_errors
+def import_history(agent_id: str, path: Path) -> None:
+    """Import an agent's teacher history (JSONL: chat fine-tuning lines, or request/response pairs as gateways
+    log them) as interactions: they count toward the grace period and are curated like live traffic.
+    Importing the same file again adds nothing; bad lines are listed in FILE.rejected.jsonl."""
+    import asyncio
+
+    from services.history_import import import_file, rejected_path
+
+    sent, bad = asyncio.run(import_file(_settings(), agent_id, path))
+    console.print(f"imported {sent} interaction{'s' if sent != 1 else ''} for {agent_id} from {path}")
+    if bad:
+        first = "; ".join(f"line {b.number}: {b.reason}" for b in bad[:3])
+        err_console.print(
+            f"[yellow]{len(bad)} bad line{'s' if len(bad) != 1 else ''}[/] ({first}{' ...' if len(bad) > 3 else ''});"
+            f" all in {rejected_path(path)}",
+            highlight=False,
+        )
+
+
 @main.group()
 def dlq() -> None:
     """Dead letters: records a service could not process, stored with the reason (list, show, replay)."""
@@ -620,7 +644,6 @@ def dlq_replay(
     """Send dead letters back to their source topic, once what made them fail is fixed (an agent added, a
     record corrected with --fixed)."""
     import asyncio
-    from pathlib import Path
 
     from services.core.clickhouse import client
     from services.core.dead_letters import get_letter, list_letters, replacement_value, replay

@@ -255,3 +255,62 @@ def test_dlq_list_show_and_replay(stack, settings: Settings) -> None:
     assert again["replays"] == 1
     missing = run(settings, "dlq", "show", "flywheel.requests.dlq:0:999999999")
     assert missing.returncode == 1 and "no dead letter" in missing.stderr
+
+
+def test_import_history_twice_adds_it_once_and_reports_bad_lines(
+    stack, settings: Settings, stack_manager, tmp_path: Path
+) -> None:
+    import time
+    import uuid
+
+    from services.core.clickhouse import client
+    from tests.conftest import start_services
+
+    if stack_manager.running_pid("logger") is None:
+        start_services(stack_manager, settings, ("logger",))
+    marker = uuid.uuid4().hex[:8]
+    history = tmp_path / "history.jsonl"
+    lines = [
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": f"[{marker}] question {i}: where is my card?"},
+                    {"role": "assistant", "content": '{"intent": "card_arrival", "tool": "card_delivery_status"}'},
+                ]
+            }
+        )
+        for i in range(500)
+    ]
+    history.write_text("\n".join([*lines[:250], "{broken", *lines[250:]]) + "\n")
+
+    def stored() -> int:
+        ch = client(settings)
+        try:
+            sql = "SELECT count() FROM interactions WHERE route_reason = 'imported' AND user_text LIKE {m:String}"
+            return int(ch.command(sql, parameters={"m": f"[{marker}]%"}))
+        finally:
+            ch.close()
+
+    def wait_for(n: int) -> int:
+        deadline = time.monotonic() + 90
+        while (got := stored()) < n and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return got
+
+    out = run(settings, "import", "--agent", "support-bot", str(history))
+    assert out.returncode == 0, out.stderr
+    assert "imported 500 interactions" in out.stdout and "1 bad line" in out.stderr and "line 251" in out.stderr
+    rejected = [json.loads(x) for x in (tmp_path / "history.jsonl.rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["text"]) for r in rejected] == [(251, "{broken")]
+    assert wait_for(500) == 500
+    again = run(settings, "import", "--agent", "support-bot", str(history))
+    assert again.returncode == 0, again.stderr
+    # A new line after the re-import: once it is stored, the re-imported ones have been read (and skipped).
+    extra = tmp_path / "extra.jsonl"
+    extra.write_text(lines[0].replace("question 0", "question 500") + "\n")
+    assert run(settings, "import", "--agent", "support-bot", str(extra)).returncode == 0
+    assert wait_for(501) == 501
+    time.sleep(2)
+    assert stored() == 501
+    unknown = run(settings, "import", "--agent", "nobody", str(extra))
+    assert unknown.returncode == 1 and "nobody" in unknown.stderr
