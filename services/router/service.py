@@ -50,6 +50,7 @@ from services.core.student import StudentAnswer, StudentClient, StudentUnavailab
 from services.router import plan as plan_logic
 from services.router import routing
 from services.router.state import RouterState
+from services.router.tool_calls import student_tool_calls
 from services.teacher.base import Completion, Teacher, TeacherError, approx_tokens
 
 log = logging.getLogger("flywheel.router")
@@ -155,8 +156,11 @@ class Router:
         # that does not report them.
         tokens_in = got.input_tokens if got.input_tokens is not None else request_tokens(request)
         tokens_out = got.output_tokens if got.output_tokens is not None else approx_tokens(got.text)
+        calls = student_tool_calls(got.text, request.tools)
         return Answer(
             content=got.text,
+            tool_calls=calls,
+            finish_reason="tool_calls" if calls else None,
             model=got.model,
             model_version=got.model_version,
             confidence=got.confidence,
