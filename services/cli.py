@@ -717,7 +717,10 @@ def dashboard(host: str, port: int | None) -> None:
 
 
 @main.command("run")
-@click.argument("service", type=click.Choice(["router", "logger", "teacher", "curator", "trainer", "drift_monitor"]))
+@click.argument(
+    "service",
+    type=click.Choice(["router", "logger", "gateway", "teacher", "curator", "trainer", "drift_monitor"]),
+)
 def run_service(service: str) -> None:
     """Run one service in the foreground (what `flywheel up` starts in the background)."""
     import runpy

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from services.core.records import Answer, ChatMessage, Interaction, ToolCall
+from services.openai_shape import ShapeError, chat_messages, text_of, tools_text
 from services.router import routing
 from services.teacher.base import approx_tokens
 
@@ -31,12 +32,10 @@ if TYPE_CHECKING:
     from services.core.agents import Tier
     from services.core.settings import Settings
 
-ROLES = ("system", "user", "assistant", "tool")
 ROUTE_REASON = "imported"
 
 
-class LineError(ValueError):
-    """Why one line cannot be imported."""
+LineError = ShapeError  # why one line cannot be imported
 
 
 @dataclass(frozen=True)
@@ -111,23 +110,16 @@ def _chat_line(obj: dict[str, Any]) -> tuple[list[ChatMessage], Answer, str | No
     last = raw[-1]
     if not isinstance(last, dict) or last.get("role") != "assistant":
         raise LineError("the last message must be the assistant's answer")
-    messages = [_message(m, i) for i, m in enumerate(raw[:-1])]
-    if not any(m.role == "user" for m in messages):
-        raise LineError("no user message before the answer")
+    messages = chat_messages(raw[:-1])
     answer = _answer(last, obj.get("model") or "imported", messages, None)
-    return messages, answer, _tools(obj.get("tools")), None
+    return messages, answer, tools_text(obj.get("tools")), None
 
 
 def _pair_line(obj: dict[str, Any]) -> tuple[list[ChatMessage], Answer, str | None, datetime | None]:
     request, response = obj["request"], obj["response"]
     if not isinstance(request, dict) or not isinstance(response, dict):
         raise LineError("request and response must be JSON objects")
-    raw = request.get("messages")
-    if not isinstance(raw, list) or not raw:
-        raise LineError("request.messages must be a non-empty list")
-    messages = [_message(m, i) for i, m in enumerate(raw)]
-    if not any(m.role == "user" for m in messages):
-        raise LineError("no user message in the request")
+    messages = chat_messages(request.get("messages"))
     choices = response.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise LineError("response.choices is missing or empty")
@@ -142,29 +134,11 @@ def _pair_line(obj: dict[str, Any]) -> tuple[list[ChatMessage], Answer, str | No
     answer = answer.model_copy(update={"finish_reason": choices[0].get("finish_reason")})
     created = response.get("created")
     received = datetime.fromtimestamp(created, timezone.utc) if isinstance(created, int | float) else None
-    return messages, answer, _tools(request.get("tools")), received
-
-
-def _message(raw: Any, index: int) -> ChatMessage:
-    if not isinstance(raw, dict):
-        raise LineError(f"message {index} is not an object")
-    role = raw.get("role")
-    if role not in ROLES:
-        raise LineError(f"message {index}: unknown role {role!r}")
-    content = raw.get("content")
-    if isinstance(content, list):  # content parts: the text ones
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
-    if content is None and role == "assistant" and raw.get("tool_calls"):
-        content = json.dumps(raw["tool_calls"])  # an earlier tool call: kept as text until messages carry them
-    if not isinstance(content, str):
-        raise LineError(f"message {index}: content must be text")
-    return ChatMessage(role=role, content=content, name=raw.get("name"), tool_call_id=raw.get("tool_call_id"))
+    return messages, answer, tools_text(request.get("tools")), received
 
 
 def _answer(raw: dict[str, Any], model: str, messages: list[ChatMessage], usage: Any) -> Answer:
-    content = raw.get("content")
-    if isinstance(content, list):
-        content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    content = text_of(raw.get("content"))
     calls = []
     for i, call in enumerate(raw.get("tool_calls") or []):
         function = call.get("function") if isinstance(call, dict) else None
@@ -193,12 +167,6 @@ def _answer(raw: dict[str, Any], model: str, messages: list[ChatMessage], usage:
         input_tokens=int(tokens_in) if isinstance(tokens_in, int) else approx_tokens(read),
         output_tokens=int(tokens_out) if isinstance(tokens_out, int) else approx_tokens(written),
     )
-
-
-def _tools(raw: Any) -> str | None:
-    if raw is None:
-        return None
-    return raw if isinstance(raw, str) else json.dumps(raw)
 
 
 def _canonical(obj: Any) -> str:

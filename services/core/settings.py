@@ -18,7 +18,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "teacher_api_key"})
+SECRET_FIELDS = frozenset({"kafka_sasl_password", "clickhouse_password", "teacher_api_key", "gateway_api_keys"})
 
 
 class SettingsError(ValueError):
@@ -104,6 +104,14 @@ class Settings(BaseSettings):
     teacher_url: str = "http://127.0.0.1:8100/v1"
     teacher_api_key: SecretStr | None = None
 
+    # The OpenAI-compatible gateway (services/gateway): `model` names the agent. API keys per agent, from the
+    # environment ("agent=key,agent=key"; "*=key" for every agent) and/or a YAML file {agent: [keys]}; without
+    # any, only loopback is served.
+    gateway_url: str = "http://127.0.0.1:8300"
+    gateway_api_keys: SecretStr | None = None
+    gateway_keys_file: Path | None = None
+    gateway_timeout_s: float = Field(60.0, gt=0, description="How long a request waits for its answer")
+
     # Agents and data.
     agents_file: Path = Field(REPO_ROOT / "agents.yaml", description="The agents' configuration (agents.yaml)")
     data_dir: Path = Field(REPO_ROOT / "data", description="Labelled data sets behind the reference teacher")
@@ -142,7 +150,7 @@ class Settings(BaseSettings):
         path = os.environ.get("FLYWHEEL_CONFIG")
         return init_settings, env_settings, _YamlFileSource(settings_cls, Path(path) if path else None)
 
-    @field_validator("clickhouse_url", "teacher_url")
+    @field_validator("clickhouse_url", "teacher_url", "gateway_url")
     @classmethod
     def _http_url(cls, value: str, info: Any) -> str:
         parts = urlsplit(value)

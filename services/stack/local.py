@@ -40,6 +40,7 @@ def isolated_settings(home: Path | str, **overrides: object) -> Settings:
         "triton_grpc_url": f"127.0.0.1:{free_port()}",
         "triton_metrics_port": free_port(),
         "teacher_url": f"http://127.0.0.1:{free_port()}/v1",
+        "gateway_url": f"http://127.0.0.1:{free_port()}",
     }
     return Settings(home=Path(home), **{**ports, **overrides})  # type: ignore[arg-type]
 
@@ -63,6 +64,7 @@ class LocalStack:
             ReferenceTeacherServer.from_settings(self.settings),
             ServiceProcess.for_service(self.settings, "logger"),
             ServiceProcess.for_service(self.settings, "router"),
+            ServiceProcess.for_service(self.settings, "gateway"),
             ServiceProcess.for_service(self.settings, "curator"),
             ServiceProcess.for_service(self.settings, "trainer"),
             ServiceProcess.for_service(self.settings, "drift_monitor"),

@@ -57,3 +57,8 @@ class ServiceProcess(Component):
     def ready(self) -> bool:
         assert self.settings is not None
         return is_ready(self.settings, self.name)
+
+    def endpoints(self) -> dict[str, str]:
+        if self.name == "gateway" and self.settings is not None:
+            return {"openai": f"{self.settings.gateway_url}/v1"}
+        return {}

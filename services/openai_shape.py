@@ -1,0 +1,130 @@
+"""The OpenAI chat-completions shapes and the flywheel's records, both ways (pure): the gateway's requests and
+responses, and the history importer's lines."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from services.core.records import ChatMessage, InferenceRequest, InferenceResponse, new_id
+from services.teacher.base import approx_tokens
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ShapeError(ValueError):
+    """A request body (or history line) that is not a chat completion request; the message says where."""
+
+
+def text_of(content: Any) -> Any:
+    """A message's content as text: content parts keep their text parts (images and audio have none here)."""
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+    return content
+
+
+def chat_message(raw: Any, index: int) -> ChatMessage:
+    if not isinstance(raw, dict):
+        raise ShapeError(f"messages[{index}] is not an object")
+    role = raw.get("role")
+    if role == "developer":
+        role = "system"  # the newer name for the system role
+    if role not in ROLES:
+        raise ShapeError(f"messages[{index}]: unknown role {role!r}")
+    content = text_of(raw.get("content"))
+    if content is None and role == "assistant" and raw.get("tool_calls"):
+        content = json.dumps(raw["tool_calls"])  # an earlier tool call: kept as text until messages carry them
+    if not isinstance(content, str):
+        raise ShapeError(f"messages[{index}]: content must be text")
+    return ChatMessage(role=role, content=content, name=raw.get("name"), tool_call_id=raw.get("tool_call_id"))
+
+
+def chat_messages(raw: Any) -> list[ChatMessage]:
+    if not isinstance(raw, list) or not raw:
+        raise ShapeError("messages must be a non-empty list")
+    messages = [chat_message(m, i) for i, m in enumerate(raw)]
+    if not any(m.role == "user" for m in messages):
+        raise ShapeError("messages hold no user message")
+    return messages
+
+
+def tools_text(raw: Any) -> str | None:
+    if raw is None:
+        return None
+    return raw if isinstance(raw, str) else json.dumps(raw)
+
+
+def request_from_body(body: Any, conversation_id: str | None = None) -> InferenceRequest:
+    """A chat completion request body as the flywheel's request (``model`` names the agent)."""
+    if not isinstance(body, dict):
+        raise ShapeError("the body must be a JSON object")
+    agent = body.get("model")
+    if not isinstance(agent, str) or not agent:
+        raise ShapeError("model is required: it names the agent")
+    if body.get("n", 1) != 1:
+        raise ShapeError("n must be 1")
+    request_id = new_id()
+    user = body.get("user")
+    return InferenceRequest(
+        request_id=request_id,
+        conversation_id=conversation_id or (user if isinstance(user, str) and user else request_id),
+        agent_id=agent,
+        messages=chat_messages(body.get("messages")),
+        tools=tools_text(body.get("tools")),
+        metadata={"source": "gateway"},
+    )
+
+
+def completion(response: InferenceResponse, request: InferenceRequest) -> dict[str, Any]:
+    """The response as a ``chat.completion`` object. The flywheel's response carries no token counts, so usage
+    is counted the platform's way (about four characters a token) where no model reported it."""
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in response.tool_calls
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": response.content}
+    if calls:
+        message["tool_calls"] = calls
+    prompt = approx_tokens(" ".join(m.content for m in request.messages))
+    answer = approx_tokens((response.content or "") + "".join(c.arguments for c in response.tool_calls))
+    return {
+        "id": f"chatcmpl-{response.request_id}",
+        "object": "chat.completion",
+        "created": int(response.created_at.timestamp()),
+        "model": request.agent_id,
+        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
+        "usage": {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer},
+        "system_fingerprint": f"{response.served_by}:{response.model_version or '-'}",
+    }
+
+
+def stream_chunks(done: dict[str, Any]) -> list[dict[str, Any]]:
+    """A completion as ``chat.completion.chunk`` events: the role, the content, the tool calls, the finish."""
+    choice = done["choices"][0]
+    message = choice["message"]
+    base = {"id": done["id"], "object": "chat.completion.chunk", "created": done["created"], "model": done["model"]}
+
+    def chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> dict[str, Any]:
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    if message.get("content"):
+        chunks.append(chunk({"content": message["content"]}))
+    if message.get("tool_calls"):
+        chunks.append(chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]}))
+    chunks.append(chunk({}, choice["finish_reason"], usage=done["usage"]))
+    return chunks
+
+
+def error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """An error in OpenAI's shape (``{"error": {...}}``), which the SDKs turn into their exceptions."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def model_list(agent_ids: list[str]) -> dict[str, Any]:
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": a, "object": "model", "created": created, "owned_by": "slm-flywheel"} for a in agent_ids],
+    }
