@@ -44,6 +44,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from services.core.clickhouse import ClickHouseError
     from services.core.dead_letters import DeadLetterError
     from services.core.topics import TopicError
+    from services.export import ExportError
     from services.stack.process import StackError
 
     return (
@@ -55,6 +56,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         AgentConfigError,
         UnknownAgentError,
         DeadLetterError,
+        ExportError,
         TimeoutError,
         click.UsageError,
     )
@@ -563,6 +565,20 @@ def import_history(agent_id: str, path: Path) -> None:
             f" all in {rejected_path(path)}",
             highlight=False,
         )
+
+
+@main.command("export")
+@click.argument("agent_id")
+@click.argument("version", type=int, required=False)
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path), help="A new folder")
+@friendly_errors
+def export(agent_id: str, version: int | None, out: Path) -> None:
+    """Write a student version (default: the newest) as a folder that runs with transformers alone: merged
+    weights and tokenizer, its answer template and label constraint, the decoder, answer.py and a README."""
+    from services.export import export_student
+
+    chosen, folder = export_student(_settings(), agent_id, version, out)
+    console.print(f"exported {agent_id} version {chosen} to {folder}: try `python {folder / 'answer.py'}`")
 
 
 @main.group()
