@@ -31,6 +31,7 @@ def _env(settings: Settings, **extra: str) -> dict[str, str]:
         FLYWHEEL_TRITON_GRPC_URL=settings.triton_grpc_url,
         FLYWHEEL_TRITON_METRICS_PORT=str(settings.triton_metrics_port),
         FLYWHEEL_TEACHER_URL=settings.teacher_url,
+        FLYWHEEL_GATEWAY_URL=settings.gateway_url,
         COLUMNS="200",
     )
     env.update(extra)
@@ -194,6 +195,7 @@ def test_up_status_down_cycle(tmp_path: Path, settings: Settings) -> None:
         FLYWHEEL_TRITON_GRPC_URL=f"127.0.0.1:{free_port()}",
         FLYWHEEL_TRITON_METRICS_PORT=str(free_port()),
         FLYWHEEL_TEACHER_URL=f"http://127.0.0.1:{free_port()}/v1",
+        FLYWHEEL_GATEWAY_URL=f"http://127.0.0.1:{free_port()}",
     )
     try:
         up = run(settings, "up", timeout=300, **ports)
@@ -201,14 +203,14 @@ def test_up_status_down_cycle(tmp_path: Path, settings: Settings) -> None:
         for where in (ports["FLYWHEEL_KAFKA_BOOTSTRAP"], ports["FLYWHEEL_CLICKHOUSE_URL"]):
             assert where in up.stdout
         again = run(settings, "up", timeout=120, **ports)
-        assert again.returncode == 0 and again.stdout.count("already running") == 9, again.stdout
+        assert again.returncode == 0 and again.stdout.count("already running") == 10, again.stdout
     finally:
         down = run(settings, "down", **ports)
     assert down.returncode == 0, down.stderr
-    parts = ("broker", "triton", "teacher", "router", "logger", "curator", "trainer", "drift_monitor")
+    parts = ("broker", "triton", "teacher", "router", "logger", "gateway", "curator", "trainer", "drift_monitor")
     assert all(part in down.stdout for part in parts)
     status = run(settings, "status", **ports)
-    assert status.stdout.count("stopped") == 9
+    assert status.stdout.count("stopped") == 10
 
 
 def test_dlq_list_show_and_replay(stack, settings: Settings) -> None:
