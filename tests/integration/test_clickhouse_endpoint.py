@@ -303,7 +303,7 @@ def test_files_hosts_and_programs_are_out_of_reach(clickhouse: ClickHouseEndpoin
 def test_get_is_read_only_in_the_engine(clickhouse: ClickHouseEndpoint, ch: Client, table: str) -> None:
     name = f"{ch.database}.{table}"
     status, body = _curl(clickhouse, "--get", "--data-urlencode", f"query=INSERT INTO {name} (id) VALUES (1)")
-    assert status == 500 and "Code: 164" in body  # the engine's readonly, not a keyword list
+    assert status == 403 and "Code: 164" in body  # the engine's readonly, not a keyword list
     status, body = _curl(clickhouse, "--get", "--data-urlencode", f"query=REPLACE TABLE {name} AS SELECT 1 AS a")
     assert "Code: 164" in body or "Code: 497" in body
     status, body = _curl(clickhouse, "--get", "--data-urlencode", "query=SELECT 1 SETTINGS readonly = 0")

@@ -8,7 +8,7 @@ import re
 # ClickHouse's exceptionCodeToHTTPStatus (src/Server/HTTP/exceptionCodeToHTTPStatus.cpp); any other code is 500.
 _STATUS_GROUPS: dict[int, tuple[int, ...]] = {
     401: (194,),  # REQUIRED_PASSWORD
-    403: (192, 193, 497, 512, 516),  # UNKNOWN_USER, WRONG_PASSWORD, ACCESS_DENIED, ..., AUTHENTICATION_FAILED
+    403: (192, 193, 497, 512, 516, 164),  # UNKNOWN_USER, WRONG_PASSWORD, ACCESS_DENIED, ..., READONLY
     # BAD_ARGUMENTS, CANNOT_PARSE_*, ILLEGAL_COLUMN, SYNTAX_ERROR, INCORRECT_DATA, TYPE_MISMATCH...
     # ... and SETTING_CONSTRAINT_VIOLATION (a limit of this endpoint's profile).
     400: (
