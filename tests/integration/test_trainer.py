@@ -84,26 +84,34 @@ async def model_events(settings: Settings, agent_id: str, until: str, timeout_s:
     return got
 
 
-async def test_service_trains_gates_publishes_and_announces(stack: Settings, tiny_base: Path, repo: ModelRepository):
-    agent_id = "trainer-pass"
-    folder = snapshot_for(stack, agent_id)
-    snap = read_snapshot(folder)
-    agents = AgentsFile(agents={agent_id: agent(agent_id, tiny_base, lax())})
-    trainer = Trainer(stack, OPTIONS, agents=agents)
+async def run_trainer_on(
+    stack: Settings, trainer: Trainer, record: DatasetSnapshot, until: str
+) -> tuple[list[ModelEvent], asyncio.Future]:
+    """Run the trainer service, send it one snapshot, and return its model events up to `until` (and the
+    service's task, stopped)."""
     stop = asyncio.Event()
     task = asyncio.ensure_future(trainer.run(stop))
     producer = create_producer(stack)
     await producer.start()
     try:
-        record = DatasetSnapshot(
-            snapshot_id=snap.snapshot_id, agent_id=agent_id, version=1, content_hash="x", uri=str(folder)
-        )
-        await Publisher(producer, AvroCodec()).send(topics.DATASETS, record, agent_id)
-        events = await model_events(stack, agent_id, "promoted")
+        await Publisher(producer, AvroCodec()).send(topics.DATASETS, record, record.agent_id)
+        events = await model_events(stack, record.agent_id, until)
     finally:
         stop.set()
         await producer.stop()
         await asyncio.wait_for(task, 60)
+    return events, task
+
+
+async def test_service_trains_gates_publishes_and_announces(stack: Settings, tiny_base: Path, repo: ModelRepository):
+    agent_id = "trainer-pass"
+    folder = snapshot_for(stack, agent_id)
+    snap = read_snapshot(folder)
+    agents = AgentsFile(agents={agent_id: agent(agent_id, tiny_base, lax())})
+    record = DatasetSnapshot(
+        snapshot_id=snap.snapshot_id, agent_id=agent_id, version=1, content_hash="x", uri=str(folder)
+    )
+    events, _ = await run_trainer_on(stack, Trainer(stack, OPTIONS, agents=agents), record, "promoted")
     assert [e.kind for e in events] == ["candidate", "promoted"]
     promoted = events[-1]
     assert promoted.gate is not None and promoted.gate.passed and promoted.gate.mode == "overall"
@@ -129,21 +137,9 @@ async def test_a_job_that_cannot_finish_emits_failed_with_its_error_and_the_trai
     agent_id = "trainer-broken"
     agents = AgentsFile(agents={agent_id: agent(agent_id, tiny_base, lax())})
     trainer = Trainer(stack, OPTIONS, agents=agents)
-    stop = asyncio.Event()
-    task = asyncio.ensure_future(trainer.run(stop))
-    producer = create_producer(stack)
-    await producer.start()
     missing = stack.path("artifacts") / "no-such-snapshot"
-    try:
-        record = DatasetSnapshot(
-            snapshot_id="ds-missing", agent_id=agent_id, version=1, content_hash="x", uri=str(missing)
-        )
-        await Publisher(producer, AvroCodec()).send(topics.DATASETS, record, agent_id)
-        events = await model_events(stack, agent_id, "failed")
-    finally:
-        stop.set()
-        await producer.stop()
-        await asyncio.wait_for(task, 60)
+    record = DatasetSnapshot(snapshot_id="ds-missing", agent_id=agent_id, version=1, content_hash="x", uri=str(missing))
+    events, task = await run_trainer_on(stack, trainer, record, "failed")
     assert [e.kind for e in events] == ["failed"]
     failed = events[0]
     assert failed.snapshot_id == "ds-missing" and str(missing) in (failed.error or "")
