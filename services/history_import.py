@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 from services.core.records import Answer, ChatMessage, Interaction, ToolCall
 from services.openai_shape import ShapeError, chat_messages, text_of, tools_text
 from services.router import routing
-from services.teacher.base import approx_tokens
+from services.teacher.base import approx_tokens, messages_tokens
 
 if TYPE_CHECKING:
     from services.core.agents import Tier
@@ -157,14 +157,13 @@ def _answer(raw: dict[str, Any], model: str, messages: list[ChatMessage], usage:
     tokens_in = tokens_out = None
     if isinstance(usage, dict):
         tokens_in, tokens_out = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    read = " ".join(m.content for m in messages)
     written = (content or "") + "".join(c.arguments for c in calls)
     return Answer(
         content=content,
         tool_calls=calls,
         model=str(model),
         latency_ms=0.0,
-        input_tokens=int(tokens_in) if isinstance(tokens_in, int) else approx_tokens(read),
+        input_tokens=int(tokens_in) if isinstance(tokens_in, int) else messages_tokens(messages),
         output_tokens=int(tokens_out) if isinstance(tokens_out, int) else approx_tokens(written),
     )
 

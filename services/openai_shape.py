@@ -8,7 +8,7 @@ import time
 from typing import Any
 
 from services.core.records import ChatMessage, InferenceRequest, InferenceResponse, new_id
-from services.teacher.base import approx_tokens
+from services.teacher.base import approx_tokens, messages_tokens
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -86,7 +86,7 @@ def completion(response: InferenceResponse, request: InferenceRequest) -> dict[s
     message: dict[str, Any] = {"role": "assistant", "content": response.content}
     if calls:
         message["tool_calls"] = calls
-    prompt = approx_tokens(" ".join(m.content for m in request.messages))
+    prompt = messages_tokens(request.messages)
     answer = approx_tokens((response.content or "") + "".join(c.arguments for c in response.tool_calls))
     return {
         "id": f"chatcmpl-{response.request_id}",

@@ -13,7 +13,6 @@ that was applied is never edited: a changed checksum is an error naming the file
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import logging
 import re
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ import clickhouse_connect
 # transport failure. Ours derive from it, so callers catch every ClickHouse failure with one class.
 from clickhouse_connect.driver.exceptions import ClickHouseError, OperationalError
 
+from services.core.network import is_loopback
 from services.core.sql_lexer import split_statements
 
 if TYPE_CHECKING:
@@ -97,15 +97,6 @@ def _connection_options(settings: Settings) -> dict[str, Any]:
         # Compression pays over a network; on loopback it only costs CPU (inserts ~10 % slower, measured).
         "compress": not is_loopback(parts.hostname or ""),
     }
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _root_cause(exc: BaseException) -> str:

@@ -23,8 +23,8 @@ from aiohttp import web
 
 from services.client import FlywheelClient
 from services.core.agents import load_agents
-from services.core.clickhouse import is_loopback
 from services.core.health import clear_ready, mark_ready
+from services.core.network import public_bind_refusal
 from services.core.settings import Settings, SettingsError, url_port
 from services.openai_shape import ShapeError, completion, error_body, model_list, request_from_body, stream_chunks
 
@@ -166,11 +166,12 @@ def _error(status: int, message: str, kind: str, code: str | None = None, param:
 
 
 def unsafe_bind(host: str, keys: Keys) -> str | None:
-    if keys.required or is_loopback(host):
-        return None
-    return (
-        f"refusing to listen on {host} without API keys: anyone who reaches it could use every agent; set "
-        "FLYWHEEL_GATEWAY_API_KEYS or FLYWHEEL_GATEWAY_KEYS_FILE, or bind 127.0.0.1"
+    return public_bind_refusal(
+        host,
+        keys.required,
+        "API keys",
+        "use every agent",
+        "set FLYWHEEL_GATEWAY_API_KEYS or FLYWHEEL_GATEWAY_KEYS_FILE, or bind 127.0.0.1",
     )
 
 

@@ -51,7 +51,7 @@ from services.router import plan as plan_logic
 from services.router import routing
 from services.router.state import RouterState
 from services.router.tool_calls import student_tool_calls
-from services.teacher.base import Completion, Teacher, TeacherError, approx_tokens
+from services.teacher.base import Completion, Teacher, TeacherError, approx_tokens, messages_tokens
 
 log = logging.getLogger("flywheel.router")
 SERVICE = "router"
@@ -78,7 +78,7 @@ class Outcome:
 
 def request_tokens(request: InferenceRequest) -> int:
     """The request's messages in approximate tokens (where no model reported what it read)."""
-    return approx_tokens(" ".join(m.content or "" for m in request.messages))
+    return messages_tokens(request.messages)
 
 
 class Router:

@@ -74,6 +74,11 @@ def approx_tokens(text: str | None) -> int:
     return (len(text) + 3) // 4
 
 
+def messages_tokens(messages: Iterable[ChatMessage]) -> int:
+    """The messages' text in approximate tokens (where no model reported what it read)."""
+    return approx_tokens(" ".join(m.content or "" for m in messages))
+
+
 def teacher_from_settings(settings: Settings, *, model_timeout_s: float = 60.0) -> Teacher:
     """The OpenAI-compatible client for ``settings.teacher_url`` (the reference teacher on the local stack)."""
     from services.teacher.openai_client import OpenAICompatibleTeacher

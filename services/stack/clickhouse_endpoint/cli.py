@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from services.core.clickhouse import is_loopback
+from services.core.network import public_bind_refusal
 from services.stack.clickhouse_endpoint.engine import Engine
 from services.stack.clickhouse_endpoint.limits import Limits
 from services.stack.clickhouse_endpoint.policy import Policy
@@ -33,11 +33,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def unsafe_bind(host: str, password: str | None) -> str | None:
     """Why binding `host` is refused, or None: without a password only loopback is served."""
-    if password or is_loopback(host):
-        return None
-    return (
-        f"refusing to listen on {host} without a password: anyone who reaches it could read and change every "
-        "table; set FLYWHEEL_CLICKHOUSE_PASSWORD or bind 127.0.0.1"
+    return public_bind_refusal(
+        host,
+        bool(password),
+        "a password",
+        "read and change every table",
+        "set FLYWHEEL_CLICKHOUSE_PASSWORD or bind 127.0.0.1",
     )
 
 
