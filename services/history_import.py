@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from services.core.records import Answer, ChatMessage, Interaction, ToolCall
-from services.openai_shape import ShapeError, chat_messages, text_of, tools_text
+from services.core.records import Answer, ChatMessage, Interaction
+from services.openai_shape import ShapeError, chat_messages, message_tool_calls, text_of, tools_text
 from services.router import routing
 from services.teacher.base import approx_tokens, messages_tokens
 
@@ -139,19 +139,10 @@ def _pair_line(obj: dict[str, Any]) -> tuple[list[ChatMessage], Answer, str | No
 
 def _answer(raw: dict[str, Any], model: str, messages: list[ChatMessage], usage: Any) -> Answer:
     content = text_of(raw.get("content"))
-    calls = []
-    for i, call in enumerate(raw.get("tool_calls") or []):
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict) or not function.get("name"):
-            raise LineError(f"answer tool call {i} has no function name")
-        arguments = function.get("arguments", "{}")
-        calls.append(
-            ToolCall(
-                id=str(call.get("id") or f"call_{i}"),
-                name=function["name"],
-                arguments=arguments if isinstance(arguments, str) else json.dumps(arguments),
-            )
-        )
+    try:
+        calls = message_tool_calls(raw.get("tool_calls"), 0)
+    except ShapeError as exc:
+        raise LineError(f"the answer's {str(exc).removeprefix('messages[0].')}") from exc
     if not content and not calls:
         raise LineError("the answer has neither content nor tool calls")
     tokens_in = tokens_out = None

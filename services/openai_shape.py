@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from services.core.records import ChatMessage, InferenceRequest, InferenceResponse, new_id
+from services.core.records import ChatMessage, InferenceRequest, InferenceResponse, ToolCall, new_id
 from services.teacher.base import approx_tokens, messages_tokens
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -32,12 +32,38 @@ def chat_message(raw: Any, index: int) -> ChatMessage:
         role = "system"  # the newer name for the system role
     if role not in ROLES:
         raise ShapeError(f"messages[{index}]: unknown role {role!r}")
+    calls = message_tool_calls(raw.get("tool_calls"), index) if role == "assistant" else []
     content = text_of(raw.get("content"))
-    if content is None and role == "assistant" and raw.get("tool_calls"):
-        content = json.dumps(raw["tool_calls"])  # an earlier tool call: kept as text until messages carry them
+    if content is None and calls:
+        content = ""  # an assistant turn that only calls tools
     if not isinstance(content, str):
         raise ShapeError(f"messages[{index}]: content must be text")
-    return ChatMessage(role=role, content=content, name=raw.get("name"), tool_call_id=raw.get("tool_call_id"))
+    return ChatMessage(
+        role=role, content=content, name=raw.get("name"), tool_call_id=raw.get("tool_call_id"), tool_calls=calls
+    )
+
+
+def message_tool_calls(raw: Any, index: int) -> list[ToolCall]:
+    """An assistant message's ``tool_calls`` (OpenAI shape) as records; arguments stay JSON text."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ShapeError(f"messages[{index}].tool_calls must be a list")
+    calls = []
+    for j, call in enumerate(raw):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ShapeError(f"messages[{index}].tool_calls[{j}] has no function name")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):  # some clients send an object; the contract is JSON text
+            args = json.dumps(args, separators=(",", ":"))
+        calls.append(ToolCall(id=str(call.get("id") or f"call_{j}"), name=fn["name"], arguments=args))
+    return calls
+
+
+def tool_calls_payload(calls: list[ToolCall]) -> list[dict[str, Any]]:
+    """Tool call records in the OpenAI shape (what a response or a sent-back assistant turn carries)."""
+    return [{"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls]
 
 
 def chat_messages(raw: Any) -> list[ChatMessage]:
@@ -79,10 +105,7 @@ def request_from_body(body: Any, conversation_id: str | None = None) -> Inferenc
 def completion(response: InferenceResponse, request: InferenceRequest) -> dict[str, Any]:
     """The response as a ``chat.completion`` object. The flywheel's response carries no token counts, so usage
     is counted the platform's way (about four characters a token) where no model reported it."""
-    calls = [
-        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
-        for c in response.tool_calls
-    ]
+    calls = tool_calls_payload(response.tool_calls)
     message: dict[str, Any] = {"role": "assistant", "content": response.content}
     if calls:
         message["tool_calls"] = calls

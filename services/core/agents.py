@@ -77,6 +77,22 @@ class TeacherConfig(_Strict):
     )
     timeout_s: float = Field(60.0, gt=0)
     max_tokens: int | None = Field(None, gt=0)
+    # Reasoning models (o-series, gpt-5...) answer 400 to temperature and max_tokens: they get
+    # max_completion_tokens (= max_tokens) and, when set, reasoning_effort instead.
+    reasoning: bool = Field(False, description="The teacher is a reasoning model")
+    reasoning_effort: Literal["minimal", "low", "medium", "high"] | None = None
+    # json_schema sends output.json_schema as the answer's schema; json_object asks for any JSON object.
+    response_format: Literal["none", "json_object", "json_schema"] = "none"
+    headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent to the teacher (no secrets)")
+    query: dict[str, str] = Field(default_factory=dict, description="Extra URL parameters, e.g. Azure's api-version")
+    # Where the key goes instead of "Authorization: Bearer" (Azure OpenAI: api-key).
+    api_key_header: str | None = Field(None, pattern=r"^[A-Za-z0-9-]+$")
+
+    @model_validator(mode="after")
+    def _reasoning_effort_needs_reasoning(self) -> TeacherConfig:
+        if self.reasoning_effort is not None and not self.reasoning:
+            raise ValueError("reasoning_effort is only sent to a reasoning model: set reasoning: true")
+        return self
 
 
 class GracePeriod(_Strict):
@@ -227,6 +243,12 @@ class AgentConfig(_Strict):
     output: Output = Field(default_factory=Output)
     execution: Execution = Field(default_factory=Execution)
     system_prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_response_format(self) -> AgentConfig:
+        if self.teacher.response_format == "json_schema" and not self.output.json_schema:
+            raise ValueError("teacher.response_format json_schema sends output.json_schema, which is empty")
+        return self
 
     @field_validator("agent_id")
     @classmethod

@@ -32,19 +32,20 @@ class Record(BaseModel):
     SCHEMA: ClassVar[str]
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    role: Role
-    content: str
-    name: str | None = None
-    tool_call_id: str | None = None
-
-
 class ToolCall(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     id: str
     name: str
     arguments: str = "{}"
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    role: Role
+    content: str  # "" for an assistant turn that only calls tools
+    name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)  # an assistant turn's calls, sent back as they came
 
 
 class Answer(BaseModel):

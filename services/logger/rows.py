@@ -27,6 +27,7 @@ from services.core.codec import AvroCodec, DecodeError
 from services.core.records import (
     AgentControl,
     Answer,
+    ChatMessage,
     DatasetSnapshot,
     DeadLetter,
     Interaction,
@@ -96,11 +97,17 @@ def _answer(answer: Answer | None) -> tuple[Any, ...]:
     )
 
 
+def message_row(m: ChatMessage) -> dict[str, Any]:
+    """One message in the ``messages`` JSON; ``tool_calls`` only where an assistant turn made some."""
+    row: dict[str, Any] = {"role": m.role, "content": m.content, "name": m.name, "tool_call_id": m.tool_call_id}
+    if m.tool_calls:
+        row["tool_calls"] = [c.model_dump() for c in m.tool_calls]
+    return row
+
+
 def interaction_row(rec: Interaction) -> tuple[Any, ...]:
     """One ``interactions`` row, in ``INTERACTION_COLUMNS`` order."""
-    messages = to_json(
-        [{"role": m.role, "content": m.content, "name": m.name, "tool_call_id": m.tool_call_id} for m in rec.messages]
-    )
+    messages = to_json([message_row(m) for m in rec.messages])
     user_text = next((m.content for m in reversed(rec.messages) if m.role == "user"), "")
     student = rec.student
     return (

@@ -51,7 +51,14 @@ from services.router import plan as plan_logic
 from services.router import routing
 from services.router.state import RouterState
 from services.router.tool_calls import student_tool_calls
-from services.teacher.base import Completion, Teacher, TeacherError, approx_tokens, messages_tokens
+from services.teacher.base import (
+    Completion,
+    Teacher,
+    TeacherError,
+    approx_tokens,
+    messages_tokens,
+    teacher_options,
+)
 
 log = logging.getLogger("flywheel.router")
 SERVICE = "router"
@@ -119,12 +126,17 @@ class Router:
         return self.teachers.get(teacher_address(self.settings, cfg), self.teachers[""])
 
     async def _ask_teacher(self, request: InferenceRequest) -> Answer:
-        cfg = self.agents.agent(request.agent_id).teacher
+        agent = self.agents.agent(request.agent_id)
+        cfg = agent.teacher
         t0 = time.perf_counter()
         try:
             done: Completion = await asyncio.wait_for(
                 self._teacher_for(request.agent_id).complete(
-                    request.messages, model=cfg.model, tools=request.tools, max_tokens=cfg.max_tokens
+                    request.messages,
+                    model=cfg.model,
+                    tools=request.tools,
+                    max_tokens=cfg.max_tokens,
+                    options=teacher_options(agent),
                 ),
                 cfg.timeout_s,
             )

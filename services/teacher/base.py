@@ -12,14 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import SecretStr
 
 from services.core.records import ChatMessage, ToolCall
 
 if TYPE_CHECKING:
-    from services.core.agents import TeacherConfig
+    from services.core.agents import AgentConfig, TeacherConfig
     from services.core.settings import Settings
 
 
@@ -34,6 +34,37 @@ class Completion:
     output_tokens: int = 0
     latency_ms: float = 0.0
     finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TeacherOptions:
+    """How one agent's requests are shaped for its teacher (from its ``teacher`` settings: ``teacher_options``)."""
+
+    reasoning: bool = False  # max_completion_tokens and reasoning_effort, no temperature
+    reasoning_effort: str | None = None
+    response_format: dict[str, Any] | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    query: Mapping[str, str] = field(default_factory=dict)
+
+
+def teacher_options(agent: AgentConfig) -> TeacherOptions:
+    """An agent's request options; ``response_format`` json_schema carries the agent's output schema."""
+    cfg = agent.teacher
+    response_format: dict[str, Any] | None = None
+    if cfg.response_format == "json_object":
+        response_format = {"type": "json_object"}
+    elif cfg.response_format == "json_schema":
+        response_format = {  # agent ids are already valid schema names ([a-z0-9_-], at most 63)
+            "type": "json_schema",
+            "json_schema": {"name": agent.agent_id, "schema": agent.output.json_schema, "strict": False},
+        }
+    return TeacherOptions(
+        reasoning=cfg.reasoning,
+        reasoning_effort=cfg.reasoning_effort,
+        response_format=response_format,
+        headers=dict(cfg.headers),
+        query=dict(cfg.query),
+    )
 
 
 class TeacherError(RuntimeError):
@@ -59,8 +90,10 @@ class Teacher(Protocol):
         tools: str | None = None,
         temperature: float = 0.0,
         max_tokens: int | None = None,
+        options: TeacherOptions | None = None,
     ) -> Completion:
-        """Answer a conversation. ``tools`` is the request's JSON text of tool definitions (OpenAI format)."""
+        """Answer a conversation. ``tools`` is the request's JSON text of tool definitions (OpenAI format);
+        ``options`` shape the request for the agent's teacher (``teacher_options``)."""
         ...
 
     async def aclose(self) -> None: ...
@@ -135,9 +168,24 @@ def teachers_for(
     Look an agent's teacher up with ``teacher_address``."""
     from services.teacher.openai_client import OpenAICompatibleTeacher
 
+    agents = list(agents)
     keys = teacher_credentials(settings, agents, os.environ if environ is None else environ)
+    key_headers: dict[str, tuple[str, str | None]] = {}  # url -> (agent that set it, header)
+    for agent_id, teacher in agents:
+        url = teacher_address(settings, teacher)
+        if url in key_headers and key_headers[url][1] != teacher.api_key_header:
+            raise ValueError(
+                f"agents.{agent_id}.teacher.api_key_header: {url or settings.teacher_url} is also the teacher of "
+                f"agent {key_headers[url][0]} with another key header: one URL, one way to send its key"
+            )
+        key_headers[url] = (agent_id, teacher.api_key_header)
     return {
-        url: OpenAICompatibleTeacher(url or settings.teacher_url, key, timeout_s=model_timeout_s)
+        url: OpenAICompatibleTeacher(
+            url or settings.teacher_url,
+            key,
+            timeout_s=model_timeout_s,
+            api_key_header=key_headers.get(url, ("", None))[1],
+        )
         for url, key in keys.items()
     }
 

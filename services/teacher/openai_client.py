@@ -1,86 +1,37 @@
-"""An async client for any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, Ollama, LiteLLM, the
-local stack's reference teacher...).
+"""The teacher behind any OpenAI-compatible chat-completions endpoint (OpenAI, Azure OpenAI, vLLM, Ollama,
+LiteLLM, ``transformers serve``, the local stack's reference teacher...), on the official ``openai`` SDK.
 
-Only the fields every such server understands are sent and read, so no vendor-specific option is needed:
-request ``model``, ``messages``, ``tools``, ``temperature``, ``max_tokens``; response ``choices[0].message``
-(``content``, ``tool_calls``), ``finish_reason``, ``usage``. Rate limits (429), request timeouts (408), conflicts
-(409), server errors (5xx) and network failures are retried with exponential backoff and jitter, honouring
-``Retry-After`` / ``retry-after-ms``; any other refusal is a non-retryable ``TeacherError`` carrying the status
-and the server's own error message. The API key is sent as ``Authorization: Bearer`` and appears in no message,
-log or repr.
+The SDK does the HTTP: retries of 408/409/429/5xx and network failures with exponential backoff and jitter,
+``Retry-After``/``retry-after-ms``, timeouts, error types. What the platform adds here:
 
-The HTTP layer is aiohttp, not httpx: measured against the reference teacher server on this 2-core machine
-(64 requests in flight, instant answers, client and server sharing the cores), httpx.AsyncClient 0.28 reached
-about 360 requests/s with a p95 of 580 ms (its connection pool degrades with concurrency, encode/httpx#3215),
-httpx over an aiohttp transport about 1,900/s, and this client about 8,000/s with a p95 of 9 ms. The router,
-which must sustain 2,000 requests/s per process with the teacher in its path, cannot afford the difference.
+* **Per-agent request options** (``TeacherOptions``, from the agent's ``teacher`` settings): reasoning models get
+  ``max_completion_tokens`` and no ``temperature`` (they answer 400 to both), ``response_format`` comes from the
+  agent's output schema, extra headers and query parameters (Azure's ``api-version``) go with every request, and
+  the key can travel in another header than ``Authorization`` (Azure's ``api-key``).
+* **Token accounting** where a server reports no ``usage`` (some proxies): an approximate count, so cost
+  accounting still works; arguments given as an object (Ollama) become the contract's JSON text.
+* **Errors that name the teacher**: ``TeacherError`` carries the URL, the HTTP status, the server's own message
+  and whether a later retry may succeed. The key appears in no message, log or repr.
+
+The transport is aiohttp (``openai.DefaultAioHttpClient``): measured on this 2-core machine, the SDK's default
+httpx transport degrades badly with many requests in flight (encode/httpx#3215), which the router cannot afford.
 """
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
 import json
-import logging
-import random
 import time
-import urllib.request
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
+import openai
 from pydantic import SecretStr
 
 from services.core.records import ChatMessage, ToolCall
-from services.teacher.base import Completion, TeacherError, approx_tokens
+from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
 
-log = logging.getLogger(__name__)
-
-RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx
-MAX_RETRY_AFTER_S = 60.0  # a server asking for a longer pause gets this; the caller's timeout budget matters more
-MAX_BACKOFF_S = 8.0
 ERROR_TEXT_LIMIT = 500
-
-
-def _retryable(status: int) -> bool:
-    return status in RETRYABLE_STATUS or status >= 500
-
-
-def parse_retry_after(headers: Mapping[str, str], now: float | None = None) -> float | None:
-    """Seconds to wait from ``retry-after-ms`` (OpenAI, Azure) or ``Retry-After`` (seconds or an HTTP date)."""
-    raw_ms = headers.get("retry-after-ms")
-    if raw_ms:
-        try:
-            return max(0.0, float(raw_ms) / 1000.0)
-        except ValueError:
-            pass
-    raw = headers.get("retry-after")
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(raw)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = datetime.now(timezone.utc).timestamp() if now is None else now
-    return max(0.0, when.timestamp() - current)
-
-
-def backoff_delay(attempt: int, base_s: float, retry_after_s: float | None, rng: random.Random) -> float:
-    """The pause before retry number ``attempt`` (0-based): the server's Retry-After when given (capped),
-    else exponential backoff with "equal jitter" (half fixed, half random) so that many clients throttled at
-    the same moment do not come back in lockstep."""
-    if retry_after_s is not None:
-        return min(retry_after_s, MAX_RETRY_AFTER_S)
-    ceiling = min(MAX_BACKOFF_S, base_s * (2**attempt))
-    return ceiling / 2 + rng.random() * ceiling / 2
+RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx: what the SDK retries
 
 
 def server_error_message(body: bytes, limit: int = ERROR_TEXT_LIMIT) -> str:
@@ -130,21 +81,46 @@ def tools_payload(tools: str | None) -> list[dict[str, Any]] | None:
     return out or None
 
 
-def _proxy_for(url: str) -> str | None:
-    """The HTTP(S)_PROXY that applies to ``url`` (None when unset or NO_PROXY exempts the host)."""
-    parts = urlsplit(url)
-    if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
-        return None
-    return urllib.request.getproxies().get(parts.scheme)
-
-
 def message_payload(message: ChatMessage) -> dict[str, Any]:
+    """A message as the API takes it; an assistant turn's tool calls go back as they came."""
+    from services.openai_shape import tool_calls_payload
+
     out: dict[str, Any] = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = tool_calls_payload(message.tool_calls)
+        out["content"] = message.content or None  # "" is refused beside tool calls by some servers
     if message.name is not None:
         out["name"] = message.name
     if message.tool_call_id is not None:
         out["tool_call_id"] = message.tool_call_id
     return out
+
+
+def request_body(
+    messages: Sequence[ChatMessage],
+    *,
+    model: str,
+    tools: list[dict[str, Any]] | None,
+    temperature: float,
+    max_tokens: int | None,
+    options: TeacherOptions,
+) -> dict[str, Any]:
+    """The chat-completions body: only what this agent's teacher accepts."""
+    body: dict[str, Any] = {"model": model, "messages": [message_payload(m) for m in messages]}
+    if options.reasoning:
+        if max_tokens is not None:
+            body["max_completion_tokens"] = max_tokens
+        if options.reasoning_effort:
+            body["reasoning_effort"] = options.reasoning_effort
+    else:
+        body["temperature"] = temperature
+        if max_tokens is not None:
+            body["max_tokens"] = max_tokens
+    if tools:
+        body["tools"] = tools
+    if options.response_format is not None:
+        body["response_format"] = options.response_format
+    return body
 
 
 def parse_completion(data: Any, *, requested_model: str, prompt_chars: int, latency_ms: float) -> Completion:
@@ -185,14 +161,25 @@ def parse_completion(data: Any, *, requested_model: str, prompt_chars: int, late
     )
 
 
+def _connection_refusal(exc: BaseException) -> OSError | None:
+    """The OS error under a failed connection, if any: the aiohttp transport reports a refused connection as a
+    connect *timeout*, which would tell the operator the wrong story."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, TimeoutError):
+            return seen
+        seen = seen.__cause__ or getattr(seen, "os_error", None)
+    return None
+
+
 class OpenAICompatibleTeacher:
     """The teacher behind an OpenAI-compatible ``/chat/completions`` endpoint at ``base_url`` (for example
     ``https://api.openai.com/v1``, ``http://vllm:8000/v1``, ``http://127.0.0.1:11434/v1`` for Ollama).
 
-    ``timeout_s`` bounds one attempt (connection, waiting for a pooled connection and the whole answer);
-    ``max_retries`` retries follow with backoff. ``headers`` are sent with every request (e.g. an
-    organisation header, or the reference teacher's test headers). The HTTP session is opened on first use,
-    in the running event loop, and closed by ``aclose``.
+    ``timeout_s`` bounds one attempt; ``max_retries`` retries follow with the SDK's backoff. ``headers`` go with
+    every request (an organisation header, the reference teacher's test headers); ``api_key_header`` sends the
+    key in that header instead of ``Authorization: Bearer`` (Azure: ``api-key``). The SDK client is made on first
+    use, in the running event loop, and closed by ``aclose``.
     """
 
     def __init__(
@@ -202,23 +189,23 @@ class OpenAICompatibleTeacher:
         *,
         timeout_s: float = 60.0,
         max_retries: int = 4,
-        backoff_s: float = 0.25,
-        max_connections: int = 200,
         headers: Mapping[str, str] | None = None,
-        seed: int | None = None,
+        api_key_header: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.url = f"{self.base_url}/chat/completions"
         self.timeout_s = timeout_s
         self.max_retries = max_retries
-        self.backoff_s = backoff_s
-        self.max_connections = max_connections
-        self._rng = random.Random(seed)
-        self._headers = {"Content-Type": "application/json", "Accept": "application/json", **(headers or {})}
         key = api_key.get_secret_value() if isinstance(api_key, SecretStr) else api_key
-        if key:
-            self._headers["Authorization"] = f"Bearer {key}"
-        self._session: aiohttp.ClientSession | None = None
+        self._headers = dict(headers or {})
+        # The SDK wants a key (and would take OPENAI_API_KEY from the environment): without one of this teacher's
+        # own for the Authorization header, a placeholder goes in and each request leaves the header out.
+        self._key, self._omit_authorization = "unused", True
+        if key and api_key_header and api_key_header.lower() != "authorization":
+            self._headers[api_key_header] = key
+        elif key:
+            self._key, self._omit_authorization = key, False
+        self._client: openai.AsyncOpenAI | None = None
 
     def __repr__(self) -> str:  # never shows the key
         return f"OpenAICompatibleTeacher({self.base_url!r})"
@@ -229,25 +216,25 @@ class OpenAICompatibleTeacher:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(
-                headers=self._headers,
-                connector=aiohttp.TCPConnector(limit=self.max_connections),
-                # connect fails fast so an unreachable teacher is retried (and reported) quickly; total covers
-                # a slow model's whole answer.
-                timeout=aiohttp.ClientTimeout(total=self.timeout_s, sock_connect=min(self.timeout_s, 10.0)),
-                # Proxies come from the environment once, at first use (_proxy_for): aiohttp's own trust_env
-                # also reads ~/.netrc in a worker thread on every request, which cut throughput by 4x.
-                proxy=_proxy_for(self.url),
-                raise_for_status=False,
+    def _get_client(self) -> openai.AsyncOpenAI:
+        if self._client is None:
+            timeout = openai.Timeout(self.timeout_s, connect=min(self.timeout_s, 10.0))
+            self._client = openai.AsyncOpenAI(
+                base_url=self.base_url,
+                api_key=self._key,
+                organization=None,
+                project=None,
+                timeout=timeout,
+                max_retries=self.max_retries,
+                default_headers=self._headers,
+                http_client=openai.DefaultAioHttpClient(timeout=timeout),
             )
-        return self._session
+        return self._client
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
     async def complete(
         self,
@@ -257,64 +244,58 @@ class OpenAICompatibleTeacher:
         tools: str | None = None,
         temperature: float = 0.0,
         max_tokens: int | None = None,
+        options: TeacherOptions | None = None,
     ) -> Completion:
+        opts = options or TeacherOptions()
         try:
             tool_list = tools_payload(tools)
         except ValueError as exc:
             raise TeacherError(f"teacher {self.url}: the request's tools are not usable: {exc}") from exc
-        body: dict[str, Any] = {
-            "model": model,
-            "messages": [message_payload(m) for m in messages],
-            "temperature": temperature,
-        }
-        if tool_list:
-            body["tools"] = tool_list
-        if max_tokens is not None:
-            body["max_tokens"] = max_tokens
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        prompt_chars = sum(len(m.content) for m in messages)
-        session = self._get_session()
-
+        body = request_body(
+            messages, model=model, tools=tool_list, temperature=temperature, max_tokens=max_tokens, options=opts
+        )
         start = time.perf_counter()
-        attempt = 0
-        while True:
-            status: int | None = None
-            retry_after: float | None = None
-            try:
-                async with session.post(self.url, data=payload) as resp:
-                    status = resp.status
-                    raw = await resp.read()
-                    headers = resp.headers
-            except asyncio.TimeoutError:
-                cause = f"no answer within {self.timeout_s:g}s"
-            except aiohttp.InvalidURL as exc:
-                raise TeacherError(f"teacher {self.url}: not a usable URL ({exc})") from exc
-            except aiohttp.ClientConnectorError as exc:
-                cause = f"cannot connect ({exc.os_error or exc})"
-            except (aiohttp.ClientError, OSError) as exc:
-                cause = f"connection failed ({type(exc).__name__}: {exc or 'no detail'})"
-            else:
-                if status < 300:
-                    try:
-                        return parse_completion(
-                            json.loads(raw),
-                            requested_model=model,
-                            prompt_chars=prompt_chars,
-                            latency_ms=(time.perf_counter() - start) * 1000.0,
-                        )
-                    except ValueError as exc:
-                        raise TeacherError(
-                            f"teacher {self.url}: unreadable answer for model {model!r}: {exc}", status=status
-                        ) from exc
-                cause = f"HTTP {status}: {server_error_message(raw)}"
-                if not _retryable(status):
-                    raise TeacherError(f"teacher {self.url} refused the request: {cause}", status=status)
-                retry_after = parse_retry_after(headers)
-            if attempt >= self.max_retries:
-                raise TeacherError(
-                    f"teacher {self.url} failed after {attempt + 1} attempts: {cause}", status=status, retryable=True
-                )
-            delay = backoff_delay(attempt, self.backoff_s, retry_after, self._rng)
-            log.warning("teacher %s: %s; retry %d/%d in %.2fs", self.url, cause, attempt + 1, self.max_retries, delay)
-            await asyncio.sleep(delay)
-            attempt += 1
+        try:
+            # The raw response: its JSON is read leniently (parse_completion), as servers differ in the details.
+            raw = await self._get_client().chat.completions.with_raw_response.create(
+                **body, extra_headers=self._request_headers(opts), extra_query=dict(opts.query) or None
+            )
+            data = json.loads(raw.http_response.content)
+        except openai.APIConnectionError as exc:  # APITimeoutError among them
+            refused = _connection_refusal(exc)
+            if refused is not None:
+                raise self._gave_up(f"cannot connect ({refused})", None) from exc
+            if isinstance(exc, openai.APITimeoutError):
+                raise self._gave_up(f"no answer within {self.timeout_s:g}s", None) from exc
+            raise self._gave_up(f"connection failed ({exc.__cause__ or exc})", None) from exc
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            cause = f"HTTP {status}: {server_error_message(exc.response.content)}"
+            if status in RETRYABLE_STATUS or status >= 500:
+                raise self._gave_up(cause, status) from exc
+            raise TeacherError(f"teacher {self.url} refused the request: {cause}", status=status) from exc
+        except ValueError as exc:
+            raise TeacherError(f"teacher {self.url}: unreadable answer for model {model!r}: {exc}") from exc
+        try:
+            return parse_completion(
+                data,
+                requested_model=model,
+                prompt_chars=sum(len(m.content) for m in messages),
+                latency_ms=(time.perf_counter() - start) * 1000.0,
+            )
+        except ValueError as exc:
+            raise TeacherError(
+                f"teacher {self.url}: unreadable answer for model {model!r}: {exc}", status=raw.status_code
+            ) from exc
+
+    def _request_headers(self, opts: TeacherOptions) -> dict[str, Any] | None:
+        headers: dict[str, Any] = dict(opts.headers)
+        if self._omit_authorization:
+            headers["Authorization"] = openai.omit
+        return headers or None
+
+    def _gave_up(self, cause: str, status: int | None) -> TeacherError:
+        # The SDK made every attempt it was allowed before raising (max_retries retries after the first).
+        return TeacherError(
+            f"teacher {self.url} failed after {self.max_retries + 1} attempts: {cause}", status=status, retryable=True
+        )

@@ -48,7 +48,7 @@ import numpy as np
 
 from services.core.records import ChatMessage, ToolCall
 from services.router.plan import is_plan_request
-from services.teacher.base import Completion, TeacherError, approx_tokens
+from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
 from services.teacher.workloads import STEP_INSTRUCTION_RE, Example, Workload, load_workloads
 
 if TYPE_CHECKING:
@@ -428,6 +428,7 @@ class ReferenceTeacher:
         tools: str | None = None,
         temperature: float = 0.0,
         max_tokens: int | None = None,
+        options: TeacherOptions | None = None,  # the stand-in answers in its contract's JSON whatever they say
     ) -> Completion:
         start = time.perf_counter()
         try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
+import fastavro
 import pytest
 
 from services.core.codec import MAGIC, AvroCodec, DecodeError
@@ -50,7 +52,7 @@ def test_exact_bytes_of_a_request(codec: AvroCodec) -> None:
         b"\x04c1"
         b"\x16support-bot"
         b"\x02"  # one-item array block
-        b"\x02\x04hi\x00\x00"  # role=user(1), content, name=null, tool_call_id=null
+        b"\x02\x04hi\x00\x00\x00"  # role=user(1), content, name=null, tool_call_id=null, no tool_calls (v2)
         b"\x00"  # end of array
         b"\x00\x00\x00"  # tools, intent null; empty metadata map
         b"\x00"  # reply_topic null
@@ -212,3 +214,24 @@ def test_old_writer_read_as_new_version(tmp_path: Path, codec: AvroCodec) -> Non
     name, datum = newer.decode_dict(old_bytes)
     assert name == "retrain_triggered"
     assert datum["priority"] == 0 and datum["reason"] == "agreement_drift"
+
+
+def test_a_v1_request_reads_as_v2_and_assistant_tool_calls_round_trip(codec: AvroCodec) -> None:
+    """v2 of the request and interaction schemas gives messages their tool calls; v1 producers still decode."""
+    from services.core.records import ToolCall
+
+    v1 = codec.versions["inference_request"][0]
+    assert v1.version == 1
+    old = _request()
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, v1.parsed, old.model_dump())
+    decoded = codec.decode(MAGIC + v1.fingerprint + buf.getvalue(), InferenceRequest)
+    assert decoded == old and decoded.messages[0].tool_calls == []
+    call = ToolCall(id="call_1", name="card_block", arguments='{"card": "1"}')
+    turns = [
+        ChatMessage(role="user", content="block my card"),
+        ChatMessage(role="assistant", content="", tool_calls=[call]),
+        ChatMessage(role="tool", content='{"ok": true}', tool_call_id="call_1"),
+    ]
+    request = _request(messages=turns)
+    assert codec.decode(codec.encode(request), InferenceRequest) == request

@@ -1,21 +1,21 @@
-"""The OpenAI-compatible client against a scripted local aiohttp server: retries on 429 (honouring
-Retry-After) and 5xx, non-retryable 4xx with the server's message, tool calls, usage, timeouts, an unreachable
-URL; and the pure helpers (Retry-After parsing, backoff, tool definitions, error bodies)."""
+"""The OpenAI-compatible client (the ``openai`` SDK) against a scripted local aiohttp server: retries on 429
+(honouring Retry-After) and 5xx, non-retryable 4xx with the server's message, tool calls both ways, usage,
+timeouts, an unreachable URL, the per-agent options (reasoning models, response_format, headers, query, the key's
+header); and the pure helpers (tool definitions, error bodies)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import random
 import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from email.utils import formatdate
 from typing import Any
 
 import pytest
 from aiohttp import web
+from multidict import CIMultiDict
 from pydantic import SecretStr
 
 from services.core.records import ChatMessage
@@ -23,10 +23,7 @@ from services.core.settings import Settings
 from services.stack.process import free_port
 from services.teacher.base import Completion, Teacher, TeacherError, teacher_from_settings
 from services.teacher.openai_client import (
-    MAX_RETRY_AFTER_S,
     OpenAICompatibleTeacher,
-    backoff_delay,
-    parse_retry_after,
     server_error_message,
     tools_payload,
 )
@@ -60,12 +57,14 @@ class Scripted:
     url: str = ""
     script: list[Reply] = field(default_factory=list)
     seen: list[dict[str, Any]] = field(default_factory=list)
-    headers: list[dict[str, str]] = field(default_factory=list)
+    headers: list[CIMultiDict[str]] = field(default_factory=list)
+    queries: list[dict[str, str]] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.Response:
         self.seen.append(await request.json())
-        self.headers.append(dict(request.headers))
+        self.headers.append(CIMultiDict(request.headers))  # header names are case-insensitive
+        self.queries.append(dict(request.query))
         self.times.append(time.monotonic())
         reply = self.script[min(len(self.seen) - 1, len(self.script) - 1)]
         result = reply()
@@ -105,8 +104,6 @@ def json_reply(body: Any, status: int = 200, headers: dict[str, str] | None = No
 
 
 def client(url: str, **kwargs: Any) -> OpenAICompatibleTeacher:
-    kwargs.setdefault("backoff_s", 0.01)
-    kwargs.setdefault("seed", 1)
     return OpenAICompatibleTeacher(url, **kwargs)
 
 
@@ -303,28 +300,100 @@ async def test_each_teacher_url_gets_its_own_key_and_the_global_key_stays_home(
         TeacherConfig(url=other_server.url, api_key_env="not a name")
 
 
+async def test_a_reasoning_teacher_gets_its_own_parameters_schema_headers_and_query(server: Scripted) -> None:
+    from services.core.agents import AgentConfig
+    from services.teacher.base import teacher_options
+
+    schema = {"type": "object", "properties": {"intent": {"type": "string"}}, "required": ["intent"]}
+    agent = AgentConfig.model_validate(
+        {
+            "agent_id": "acme-bot",
+            "teacher": {
+                "model": "o4-mini",
+                "max_tokens": 300,
+                "reasoning": True,
+                "reasoning_effort": "low",
+                "response_format": "json_schema",
+                "headers": {"X-Team": "support"},
+                "query": {"api-version": "2025-04-01-preview"},
+            },
+            "output": {"json_schema": schema},
+        }
+    )
+    server.script = [json_reply(ok_body())]
+    async with client(server.url, api_key=KEY, api_key_header="api-key") as teacher:
+        await teacher.complete(
+            MESSAGES, model="o4-mini", max_tokens=agent.teacher.max_tokens, options=teacher_options(agent)
+        )
+    body, headers = server.seen[0], server.headers[0]
+    assert "temperature" not in body and "max_tokens" not in body
+    assert body["max_completion_tokens"] == 300 and body["reasoning_effort"] == "low"
+    assert body["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "acme-bot", "schema": schema, "strict": False},
+    }
+    # Azure's way: the key in api-key, no Authorization; the agent's header and api-version go along.
+    assert headers["api-key"] == KEY and "Authorization" not in headers and headers["X-Team"] == "support"
+    assert server.queries[0] == {"api-version": "2025-04-01-preview"}
+
+
+def test_teacher_settings_that_cannot_work_are_refused_naming_the_key() -> None:
+    from pydantic import ValidationError
+
+    from services.core.agents import AgentConfig, TeacherConfig
+
+    with pytest.raises(ValidationError, match="reasoning_effort is only sent to a reasoning model"):
+        TeacherConfig(reasoning_effort="high")
+    with pytest.raises(
+        ValidationError, match=re.escape("response_format json_schema sends output.json_schema, which is empty")
+    ):
+        AgentConfig(agent_id="a", teacher=TeacherConfig(response_format="json_schema"))
+    with pytest.raises(ValidationError, match="api_key_header"):
+        TeacherConfig(api_key_header="api key: x")
+
+
+async def test_a_tool_conversation_goes_back_as_it_came(server: Scripted) -> None:
+    from services.core.records import ToolCall
+
+    server.script = [json_reply(ok_body("Your card is blocked."))]
+    call = ToolCall(id="call_1", name="card_block", arguments='{"card": "1234"}')
+    msgs = [
+        *MESSAGES,
+        ChatMessage(role="assistant", content="", tool_calls=[call]),
+        ChatMessage(role="tool", content='{"blocked": true}', tool_call_id="call_1"),
+    ]
+    async with client(server.url) as teacher:
+        done = await teacher.complete(msgs, model="m")
+    assert done.content == "Your card is blocked."
+    assert server.seen[0]["messages"][2:] == [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "card_block", "arguments": '{"card": "1234"}'},
+                }
+            ],
+        },
+        {"role": "tool", "content": '{"blocked": true}', "tool_call_id": "call_1"},
+    ]
+
+
+def test_one_teacher_url_sends_its_key_one_way() -> None:
+    from services.core.agents import TeacherConfig
+    from services.teacher.base import teachers_for
+
+    settings = Settings(teacher_url="http://127.0.0.1:9/v1")
+    agents = [("a-bot", TeacherConfig(api_key_header="api-key")), ("b-bot", TeacherConfig())]
+    with pytest.raises(
+        ValueError, match=r"agents\.b-bot\.teacher\.api_key_header: .* is also the teacher of agent a-bot"
+    ):
+        teachers_for(settings, agents, {})
+
+
 # Pure helpers -----------------------------------------------------------------------------------------------
-
-
-def test_parse_retry_after() -> None:
-    assert parse_retry_after({"retry-after": "3"}) == 3.0
-    assert parse_retry_after({"retry-after": "0.5"}) == 0.5
-    assert parse_retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
-    now = time.time()
-    assert 9 <= parse_retry_after({"retry-after": formatdate(now + 10, usegmt=True)}, now=now) <= 10
-    assert parse_retry_after({"retry-after": formatdate(now - 10, usegmt=True)}, now=now) == 0.0
-    assert parse_retry_after({}) is None and parse_retry_after({"retry-after": "soon"}) is None
-
-
-def test_backoff_is_exponential_with_jitter_and_honours_retry_after() -> None:
-    rng = random.Random(0)
-    for attempt in range(5):
-        ceiling = 0.25 * 2**attempt
-        for _ in range(50):
-            assert ceiling / 2 <= backoff_delay(attempt, 0.25, None, rng) <= ceiling
-    assert backoff_delay(20, 0.25, None, rng) <= 8.0
-    assert backoff_delay(0, 0.25, 2.0, rng) == 2.0
-    assert backoff_delay(0, 0.25, 3600.0, rng) == MAX_RETRY_AFTER_S
 
 
 def test_tools_payload_accepts_the_usual_shapes() -> None:

@@ -28,6 +28,22 @@ def test_a_body_becomes_a_request_for_the_agent_it_names() -> None:
     assert request_from_body(BODY, "from-header").conversation_id == "from-header"
 
 
+def test_a_tool_conversation_keeps_the_assistants_tool_calls() -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "card_block", "arguments": {"card": "1"}}}
+    turns = [
+        {"role": "user", "content": "Block my card"},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"ok": true}'},
+        {"role": "user", "content": "Thanks, and a new one?"},
+    ]
+    request = request_from_body({"model": "support-bot", "messages": turns})
+    assistant = request.messages[1]
+    assert assistant.content == "" and assistant.tool_calls == [
+        ToolCall(id="call_1", name="card_block", arguments='{"card":"1"}')
+    ]
+    assert request.messages[2].tool_call_id == "call_1" and request.messages[0].tool_calls == []
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
@@ -36,6 +52,10 @@ def test_a_body_becomes_a_request_for_the_agent_it_names() -> None:
         ({"model": "a", "messages": [{"role": "system", "content": "x"}]}, "no user message"),
         ({"model": "a", "messages": [{"role": "user", "content": 3}]}, "content must be text"),
         ({"model": "a", "n": 2, "messages": [{"role": "user", "content": "x"}]}, "n must be 1"),
+        (
+            {"model": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [{}]}]},
+            r"messages\[1\]\.tool_calls\[0\] has no function name",
+        ),
     ],
 )
 def test_bad_bodies_say_what_is_wrong(body: dict, reason: str) -> None:
