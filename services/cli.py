@@ -44,8 +44,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from services.core.clickhouse import ClickHouseError
     from services.core.dead_letters import DeadLetterError
     from services.core.topics import TopicError
+    from services.demo.own_data import OwnDataError
     from services.export import ExportError
     from services.stack.process import StackError
+    from services.teacher.datasets import DataSetError
 
     return (
         SettingsError,
@@ -57,6 +59,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         UnknownAgentError,
         DeadLetterError,
         ExportError,
+        DataSetError,
+        OwnDataError,
         TimeoutError,
         click.UsageError,
     )
@@ -247,8 +251,25 @@ def smoke() -> None:
 )
 @click.option("--reset", is_flag=True, help="Stop the stack and delete FLYWHEEL_HOME first (starts from nothing)")
 @click.option("--smoke-only", is_flag=True, help="Only start the stack and check every part answers")
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Your own labelled data set (CSV, TSV or JSONL: text, label, optional arguments and split) instead of "
+    "--workload; its agent <name>-bot is added to FLYWHEEL_HOME/agents.yaml (docs/own-data.md)",
+)
+@click.option(
+    "--mapping",
+    "mapping_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="With --data: labels to tools and replies (YAML or JSON); default one tool per label",
+)
 @friendly_errors
-def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None:
+def demo(
+    short: bool, workload_name: str, reset: bool, smoke_only: bool, data_file: Path | None, mapping_file: Path | None
+) -> None:
     """Start the local stack and run the whole flywheel: grace period, training, the student live, drift,
     retraining and recovery, then a report (also written to FLYWHEEL_HOME/demo/report.md and .json)."""
     import asyncio
@@ -261,22 +282,30 @@ def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None
     from services.teacher.workloads import load_workload
 
     settings = _settings()
+    if mapping_file is not None and data_file is None:
+        raise click.UsageError("--mapping goes with --data")
     if reset:
         reset_home(settings)
         console.print(f"reset: deleted {settings.home.absolute()}")
+    held_back = 5
+    if data_file is not None:
+        settings, agent_id, workload, held_back = _own_data_demo(settings, data_file, mapping_file)
+    else:
+        agent_id = AGENT_FOR_WORKLOAD[workload_name]
+        workload = load_workload(workload_name, settings.data_dir)
     _stack_up(settings)
     if not _smoke(settings):
         sys.exit(1)
     if smoke_only:
         console.print("[bold green]the local stack is up and every part answered.[/]")
         return
-    agent_id = AGENT_FOR_WORKLOAD[workload_name]
     agent_cfg = load_agents(settings.agents_file).agent(agent_id)
     plan = make_plan(
-        load_workload(workload_name, settings.data_dir),
+        workload,
         agent_cfg.grace_period.min_unique_intents,
         short=short,
         agent_id=agent_id,
+        held_back=held_back,
         grace_conversations=agent_cfg.grace_period.min_conversations,
     )
     try:
@@ -291,6 +320,39 @@ def demo(short: bool, workload_name: str, reset: bool, smoke_only: bool) -> None
         f"report: {out / 'report.md'} and {out / 'report.json'}; the stack keeps running: try "
         "`flywheel status`, `flywheel models " + agent_id + "`, `flywheel dashboard`, `flywheel down`"
     )
+
+
+def _own_data_demo(settings: Settings, data_file: Path, mapping_file: Path | None):
+    """Register a data set of your own and give it the demo agent: (settings reading the agents file that holds
+    it, agent id, workload, intents held back for the drift phase)."""
+    from services.core.agents import load_agents
+    from services.demo.own_data import TEMPLATE_AGENT, demo_agent, demo_sizes, write_agents_file
+    from services.stack.local import LocalStack
+    from services.teacher.datasets import load_file, register
+
+    workload = load_file(data_file, mapping_file)
+    template = load_agents(settings.agents_file).agent(TEMPLATE_AGENT)
+    first, held_back = demo_sizes(len(workload.intents), template.grace_period.min_unique_intents)
+    agent = demo_agent(workload, template, first)
+    target = settings.home.absolute() / "agents.yaml"
+    running = [p.name for p in LocalStack(settings).status() if p.pid is not None and p.name in SERVICE_PARTS]
+    if running and settings.agents_file.absolute() != target:
+        raise click.ClickException(
+            f"the stack's services ({', '.join(running)}) are running with {settings.agents_file}, which does not "
+            f"hold {agent.agent_id}: stop them first (`flywheel down`), or run with --reset"
+        )
+    base = settings.agents_file if settings.agents_file.absolute() != target else target
+    write_agents_file(base, agent, target)
+    register(workload, settings.home.absolute())
+    console.print(
+        f"data set [bold]{workload.name}[/]: {len(workload.examples('train'))} train and "
+        f"{len(workload.examples('test'))} test messages, {len(workload.intents)} labels, {len(workload.tools)} "
+        f"tools; agent [bold]{agent.agent_id}[/] in {target} (teacher: {workload.model})"
+    )
+    return settings.model_copy(update={"agents_file": target}), agent.agent_id, workload, held_back
+
+
+SERVICE_PARTS = ("logger", "router", "gateway", "curator", "trainer", "drift_monitor")
 
 
 @main.command()
@@ -345,6 +407,15 @@ def send(
 @click.option(
     "--workload", "workload_name", type=click.Choice(["banking77", "nlupp"]), default="banking77", show_default=True
 )
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Replay your own labelled data set (CSV, TSV or JSONL) instead of --workload; the reference teacher "
+    "answers it as reference/<name>",
+)
+@click.option("--mapping", "mapping_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--intents", default=None, help="Comma-separated intents to draw from (default: all)")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True)
 @click.option("--label-share", default=0.0, show_default=True, help="Share of requests carrying the client's label")
@@ -359,6 +430,8 @@ def replay(
     split: str,
     label_share: float,
     seed: int,
+    data_file: Path | None,
+    mapping_file: Path | None,
 ) -> None:
     """Replay a data set's user messages as conversations through the router (the demo's traffic)."""
     import asyncio
@@ -369,7 +442,21 @@ def replay(
     from services.workload import replay as run_replay
 
     settings = _settings()
-    load_agents(settings.agents_file).agent(agent_id)
+    agent_cfg = load_agents(settings.agents_file).agent(agent_id)
+    if data_file is not None:
+        from services.teacher.datasets import load_file, register
+
+        workload = load_file(data_file, mapping_file)
+        register(workload, settings.home.absolute())
+        workload_name = workload.name
+        if agent_cfg.teacher.model.startswith("reference/") and agent_cfg.teacher.model != workload.model:
+            err_console.print(
+                f"[yellow]note:[/] {agent_id}'s teacher is {agent_cfg.teacher.model}; the reference teacher answers "
+                f"this data set as {workload.model} (set teacher.model in agents.yaml)",
+                highlight=False,
+            )
+    elif mapping_file is not None:
+        raise click.UsageError("--mapping goes with --data")
     chosen = [i.strip() for i in intents.split(",") if i.strip()] if intents else None
     with Progress(
         TextColumn("replay"),

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from services.core.records import ChatMessage, InferenceRequest, InferenceResponse
 from services.core.settings import Settings
+from services.teacher.datasets import registry_dir
 from services.teacher.workloads import Example, Workload, load_workload
 
 
@@ -92,7 +93,7 @@ async def replay(
     every answer."""
     from services.client import FlywheelClient
 
-    workload = load_workload(workload_name, settings.data_dir)
+    workload = load_workload(workload_name, settings.data_dir, registry_dir(settings.home))
     stream = draw(workload, intents, split, seed)
     labeller = random.Random(seed + 1)
     result = ReplayResult()

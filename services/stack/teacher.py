@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from services.core.settings import REPO_ROOT, Settings
 from services.stack.process import Component, Port, StackError
+from services.teacher.datasets import registry_dir
 from services.teacher.workloads import missing_files
 
 
@@ -27,6 +28,7 @@ class ReferenceTeacherServer(Component):
     flaw_rate: float = 0.03
     seed: int = 0
     ready_timeout_s: float = 1.0
+    registry: Path | None = None  # data sets of your own (datasets.register), served as reference/<name>
 
     @classmethod
     def from_settings(cls, settings: Settings, *, seed: int = 0) -> ReferenceTeacherServer:
@@ -43,6 +45,7 @@ class ReferenceTeacherServer(Component):
             latency_ms=settings.reference_teacher_latency_ms,
             flaw_rate=settings.reference_teacher_flaw_rate,
             seed=seed,
+            registry=registry_dir(settings.home.absolute()),
         )
 
     @property
@@ -76,6 +79,7 @@ class ReferenceTeacherServer(Component):
             str(self.flaw_rate),
             "--seed",
             str(self.seed),
+            *(["--registry", str(self.registry)] if self.registry is not None else []),
         ]
 
     def cwd(self) -> Path | None:

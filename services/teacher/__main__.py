@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from services.core.settings import Settings, SettingsError
+from services.teacher.datasets import registry_dir
 from services.teacher.reference import DEFAULT_LATENCY_SIGMA, ReferenceTeacher
 from services.teacher.server import create_app
 from services.teacher.workloads import missing_files
@@ -35,6 +36,12 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
     parser.add_argument("--port", type=int, default=url.port or 8100)
     parser.add_argument("--prefix", default=url.path or "/v1", help="API path prefix (default: /v1)")
     parser.add_argument("--data-dir", type=Path, default=settings.data_dir)
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        default=registry_dir(settings.home),
+        help="where data sets of your own are registered (flywheel replay/demo --data); served as reference/<name>",
+    )
     parser.add_argument(
         "--latency-ms",
         type=float,
@@ -85,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_sigma=args.latency_sigma,
         flaw_rate=args.flaw_rate,
         seed=args.seed,
+        registry=args.registry,
     )
     log.info(
         "reference teacher (an offline stand-in, not a model): %s loaded in %.1fs; latency median %.0f ms, "

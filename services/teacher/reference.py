@@ -49,7 +49,15 @@ import numpy as np
 from services.core.records import ChatMessage, ToolCall
 from services.router.plan import is_plan_request
 from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
-from services.teacher.workloads import STEP_INSTRUCTION_RE, Example, Workload, load_workloads
+from services.teacher.datasets import DataSetError, registry_dir
+from services.teacher.workloads import (
+    STEP_INSTRUCTION_RE,
+    Example,
+    Workload,
+    load_workload,
+    load_workloads,
+    registered_names,
+)
 
 if TYPE_CHECKING:
     from services.core.settings import Settings
@@ -207,8 +215,9 @@ class ReferenceAnswer:
 
 
 class UnknownModel(LookupError):
-    def __init__(self, model: str, known: Sequence[str]) -> None:
-        super().__init__(f"model {model!r} is not served by the reference teacher; known models: {', '.join(known)}")
+    def __init__(self, model: str, known: Sequence[str], why: str = "") -> None:
+        reason = why or f"known models: {', '.join(known)}"
+        super().__init__(f"model {model!r} is not served by the reference teacher; {reason}")
         self.model = model
         self.known = list(known)
 
@@ -279,6 +288,7 @@ class ReferenceTeacher:
         latency_sigma: float = DEFAULT_LATENCY_SIGMA,
         flaw_rate: float = 0.0,
         seed: int = 0,
+        registry: Path | None = None,
     ) -> None:
         if not 0.0 <= flaw_rate <= 1.0:
             raise ValueError(f"flaw_rate must be within [0, 1], got {flaw_rate}")
@@ -290,6 +300,10 @@ class ReferenceTeacher:
         self.seed = seed
         self._rng = random.Random(seed)
         self._served = {MODEL_PREFIX + name: _Served.build(w) for name, w in workloads.items()}
+        # Data sets registered while the server runs (flywheel replay/demo --data): read on first use, and again
+        # when registered anew; keyed by model, with the file's change time.
+        self.registry = registry
+        self._registered: dict[str, tuple[int, _Served]] = {}
 
     @classmethod
     def from_data_dir(cls, data_dir: Path | str, **kwargs: Any) -> ReferenceTeacher:
@@ -302,11 +316,12 @@ class ReferenceTeacher:
             latency_ms=settings.reference_teacher_latency_ms,
             flaw_rate=settings.reference_teacher_flaw_rate,
             seed=seed,
+            registry=registry_dir(settings.home),
         )
 
     @property
     def models(self) -> list[str]:
-        return list(self._served)
+        return [*self._served, *(MODEL_PREFIX + name for name in registered_names(self.registry))]
 
     def workload(self, model: str) -> Workload:
         return self._served_for(model).workload
@@ -314,8 +329,24 @@ class ReferenceTeacher:
     def _served_for(self, model: str) -> _Served:
         served = self._served.get(model)
         if served is None:
+            served = self._registered_for(model)
+        if served is None:
             raise UnknownModel(model, self.models)
         return served
+
+    def _registered_for(self, model: str) -> _Served | None:
+        name = model.removeprefix(MODEL_PREFIX)
+        if self.registry is None or name == model or name not in registered_names(self.registry):
+            return None
+        changed = (self.registry / name / "examples.jsonl").stat().st_mtime_ns
+        cached = self._registered.get(model)
+        if cached is None or cached[0] != changed:
+            try:
+                cached = (changed, _Served.build(load_workload(name, "", self.registry)))
+            except DataSetError as exc:
+                raise UnknownModel(model, self.models, f"its data set does not read: {exc}") from exc
+            self._registered[model] = cached
+        return cached[1]
 
     def flaw_for(self, text: str) -> str | None:
         return flaw_for(self.seed, text, self.flaw_rate)

@@ -316,3 +316,30 @@ def test_import_history_twice_adds_it_once_and_reports_bad_lines(
     assert stored() == 501
     unknown = run(settings, "import", "--agent", "nobody", str(extra))
     assert unknown.returncode == 1 and "nobody" in unknown.stderr
+
+
+async def test_replay_of_your_own_data_set_and_the_teacher_answers_it(stack, settings: Settings, stack_manager) -> None:
+    """`flywheel replay --data` reads a CSV the project has never seen, registers it, and the stack's reference
+    teacher (its own process, started before) answers it as reference/<name>; a bad file is refused by line."""
+    from services.core.records import ChatMessage
+    from services.teacher.openai_client import OpenAICompatibleTeacher
+    from tests.conftest import start_services
+
+    if stack_manager.running_pid("router") is None:
+        start_services(stack_manager, settings)
+    data = settings.home / "smart_home.csv"
+    rows = ["turn the lights off,lights_off", "switch off the lamp,lights_off", "lights on please,lights_on"]
+    rows += ["what's the temperature inside,thermostat_query", "is it warm in the kitchen,thermostat_query"]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    out = run(settings, "replay", "--agent", "support-bot", "--data", str(data), "--count", "6", "--rate", "0")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "6/6 answered" in out.stdout and "reference/smart_home" in out.stderr  # the agent's teacher differs
+    async with OpenAICompatibleTeacher(settings.teacher_url, max_retries=0) as teacher:
+        done = await teacher.complete(
+            [ChatMessage(role="user", content="turn the lights off")], model="reference/smart_home"
+        )
+    assert json.loads(done.content or "{}")["intent"] == "lights_off"
+    bad = settings.home / "bad.csv"
+    bad.write_text("text,label\nfine,ok\n,empty\n")
+    refused = run(settings, "replay", "--agent", "support-bot", "--data", str(bad))
+    assert refused.returncode == 1 and "line 3: 'text' is missing or empty" in refused.stderr

@@ -1,13 +1,17 @@
 """`flywheel demo`'s run on the real local stack, shrunk: a tiny base model and a few dozen requests per phase,
 every service a process. The whole flywheel turns once and a half: grace period → training → promotion → the
 student live → held-back intents arrive → the drift monitor fires → the curator's new snapshot → retrain →
-promotion of a second version → recovery; then the report's figures and timeline come from ClickHouse."""
+promotion of a second version → recovery; then the report's figures and timeline come from ClickHouse.
+
+It runs on a data set of its own, as `flywheel demo --data` does: labels that no built-in workload has, with a
+mapping to tools, registered where the stack's reference teacher (its own process) finds it."""
 
 from __future__ import annotations
 
 import io
 import json
 import uuid
+from pathlib import Path
 
 import pytest
 import yaml
@@ -21,8 +25,39 @@ from tests.helpers.tiny_model import LAX_VALIDATION
 pytestmark = pytest.mark.integration
 
 AGENT = f"demo-{uuid.uuid4().hex[:6]}"
-INTENTS = ("card_arrival", "exchange_rate", "top_up_failed", "lost_or_stolen_card")
-HELD_BACK = ("card_swallowed", "atm_support")
+# The data set's labels, from BANKING77 messages relabelled: a contract the reference teacher has no table for.
+RELABEL = {
+    "card_arrival": "where_is_my_card",
+    "exchange_rate": "fx_rate",
+    "top_up_failed": "topup_failed",
+    "lost_or_stolen_card": "card_lost",
+    "card_swallowed": "atm_kept_card",
+    "atm_support": "atm_help",
+}
+INTENTS = ("where_is_my_card", "fx_rate", "topup_failed", "card_lost")
+HELD_BACK = ("atm_kept_card", "atm_help")
+DATA_SET = f"own-{AGENT}"
+
+
+def own_data_set(folder: Path, home: Path):
+    """The test's data set as a user would write it (JSONL and a mapping), loaded and registered."""
+    from services.core.settings import REPO_ROOT
+    from services.teacher.datasets import load_file, register
+    from services.teacher.workloads import load_workload
+
+    banking = load_workload("banking77", REPO_ROOT / "data")
+    data = folder / f"{DATA_SET}.jsonl"
+    with data.open("w") as fh:
+        for e in banking.examples():
+            if e.intent in RELABEL:
+                row = {"text": e.text, "label": RELABEL[e.intent], "arguments": dict(e.arguments), "split": e.split}
+                fh.write(json.dumps(row) + "\n")
+    mapping = folder / "mapping.yaml"
+    tools = {"card_lost": "block_card", "atm_kept_card": "block_card", "fx_rate": "rates"}
+    mapping.write_text(yaml.safe_dump({"labels": {label: {"tool": tool} for label, tool in tools.items()}}))
+    workload = load_file(data, mapping)
+    register(workload, home)
+    return workload
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +67,9 @@ def demo_settings(broker, clickhouse, triton, teacher, settings: Settings, stack
 
     base = build_tiny_model(tmp_path_factory.mktemp("demo-base"))
     agents_file = tmp_path_factory.mktemp("demo-agents") / "agents.yaml"
+    workload = own_data_set(agents_file.parent, settings.home.absolute())
     agent = {
-        "teacher": {"model": "reference/banking77"},
+        "teacher": {"model": workload.model},
         "grace_period": {"min_conversations": 40, "min_unique_intents": 4},
         "distillation": {
             "base_model": str(base),
@@ -62,7 +98,7 @@ async def test_the_demo_turns_the_flywheel_and_reports_it(demo_settings: Setting
     check_fresh(demo_settings, AGENT)  # a new agent: nothing in the store yet
     plan = DemoPlan(
         agent_id=AGENT,
-        workload="banking77",
+        workload=DATA_SET,
         intents=INTENTS,
         held_back=HELD_BACK,
         phases=(
