@@ -190,3 +190,19 @@ def test_banking77_and_nlupp_come_through_the_same_loader() -> None:
     assert {e.split for e in banking.examples()} == {"train", "test"}
     nlupp = load_workload("nlupp", data)
     assert nlupp.multi_label and nlupp.extractor is None
+
+
+def test_the_examples_of_docs_own_data_load(tmp_path: Path) -> None:
+    doc = (REPO_ROOT / "docs" / "own-data.md").read_text()
+    blocks = dict(re.findall(r"```(csv|json|yaml)\n(.*?)```", doc, re.DOTALL))
+    (tmp_path / "doc.csv").write_text(blocks["csv"])
+    (tmp_path / "doc.jsonl").write_text(blocks["json"])
+    csv_set = load_file(tmp_path / "doc.csv")
+    assert csv_set.intents == ["lights_off", "thermostat_query"] and len(csv_set.examples("test")) == 1
+    assert load_file(tmp_path / "doc.jsonl").examples()[0].arguments == {"time": "7"}
+    rows = "text,label\nturn the lights off,lights_off\nlights on please,lights_on\n"
+    (tmp_path / "lights.csv").write_text(rows)
+    (tmp_path / "mapping.yaml").write_text(blocks["yaml"])
+    mapped = load_file(tmp_path / "lights.csv", tmp_path / "mapping.yaml")
+    assert mapped.tools == ["lights"] and mapped.reply_for("lights_off") == "Turning the lights off."
+    assert mapped.reply_for("lights_on") == "I can help you with lights on."
