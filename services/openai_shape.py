@@ -103,20 +103,25 @@ def request_from_body(body: Any, conversation_id: str | None = None) -> Inferenc
 
 
 def completion(response: InferenceResponse, request: InferenceRequest) -> dict[str, Any]:
-    """The response as a ``chat.completion`` object. The flywheel's response carries no token counts, so usage
-    is counted the platform's way (about four characters a token) where no model reported it."""
+    """The response as a ``chat.completion`` object. ``usage`` is what the serving model read and wrote (the
+    teacher's own report, the student's real prompt and generated tokens); where no model counted (a plan's
+    combined answer), it is counted the platform's way, about four characters a token."""
     calls = tool_calls_payload(response.tool_calls)
     message: dict[str, Any] = {"role": "assistant", "content": response.content}
     if calls:
         message["tool_calls"] = calls
-    prompt = messages_tokens(request.messages)
-    answer = approx_tokens((response.content or "") + "".join(c.arguments for c in response.tool_calls))
+    prompt = response.input_tokens or messages_tokens(request.messages)
+    answer = response.output_tokens or approx_tokens(
+        (response.content or "") + "".join(c.arguments for c in response.tool_calls)
+    )
+    # A student answer that names a tool becomes a tool call (router.tool_calls): its reason says so too.
+    finish = "tool_calls" if calls else (response.finish_reason or "stop")
     return {
         "id": f"chatcmpl-{response.request_id}",
         "object": "chat.completion",
         "created": int(response.created_at.timestamp()),
         "model": request.agent_id,
-        "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop"}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": {"prompt_tokens": prompt, "completion_tokens": answer, "total_tokens": prompt + answer},
         "system_fingerprint": f"{response.served_by}:{response.model_version or '-'}",
     }

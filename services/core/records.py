@@ -97,6 +97,9 @@ class InferenceResponse(Record):
     cost_usd: float = 0.0
     error: str | None = None
     created_at: AwareDatetime = Field(default_factory=utcnow)
+    input_tokens: int = 0  # what the serving model read and wrote (0: not counted, e.g. a plan's answer)
+    output_tokens: int = 0
+    finish_reason: str | None = None
 
 
 class Interaction(Record):

@@ -248,6 +248,9 @@ class Router:
             latency_ms=latency_ms,
             cost_usd=response_costs.cost_usd,
             error=error,
+            input_tokens=0 if error else served.input_tokens,
+            output_tokens=0 if error else served.output_tokens,
+            finish_reason=None if error else (served.finish_reason or ("tool_calls" if served.tool_calls else "stop")),
         )
         stage = rt.lifecycle.stage
 

@@ -84,6 +84,13 @@ def test_a_response_with_a_tool_call_has_the_openai_shape_and_streams() -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     assert all(c["object"] == "chat.completion.chunk" and c["id"] == done["id"] for c in chunks)
     assert error_body("x", "invalid_request_error")["error"]["type"] == "invalid_request_error"
+    # The serving model's own counts and reason, when the response carries them (schema v2).
+    counted = response.model_copy(
+        update={"tool_calls": [], "input_tokens": 31, "output_tokens": 9, "finish_reason": "length"}
+    )
+    done = completion(counted, request)
+    assert done["usage"] == {"prompt_tokens": 31, "completion_tokens": 9, "total_tokens": 40}
+    assert done["choices"][0]["finish_reason"] == "length"
 
 
 def test_keys_per_agent_and_no_public_bind_without_keys(tmp_path) -> None:
