@@ -18,10 +18,10 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from services.core.settings import Settings, SettingsError
-from services.teacher.datasets import registry_dir
+from services.teacher.datasets import DataSetError, load_file, registry_dir
 from services.teacher.reference import DEFAULT_LATENCY_SIGMA, ReferenceTeacher
 from services.teacher.server import create_app
-from services.teacher.workloads import missing_files
+from services.teacher.workloads import load_workloads, missing_files
 
 log = logging.getLogger("reference-teacher")
 
@@ -36,6 +36,16 @@ def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace
     parser.add_argument("--port", type=int, default=url.port or 8100)
     parser.add_argument("--prefix", default=url.path or "/v1", help="API path prefix (default: /v1)")
     parser.add_argument("--data-dir", type=Path, default=settings.data_dir)
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also answer this labelled data set of your own (CSV, TSV or JSONL; docs/own-data.md) as "
+        "reference/<file name>; repeatable",
+    )
+    parser.add_argument("--mapping", type=Path, default=None, help="with one --data: its labels' tools and replies")
     parser.add_argument(
         "--registry",
         type=Path,
@@ -85,9 +95,17 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.mapping is not None and len(args.data) != 1:
+        print("reference teacher: --mapping goes with exactly one --data", file=sys.stderr)
+        return 2
+    try:
+        own = {w.name: w for w in (load_file(path, args.mapping) for path in args.data)}
+    except DataSetError as exc:
+        print(f"reference teacher: {exc}", file=sys.stderr)
+        return 2
     start = time.perf_counter()
-    teacher = ReferenceTeacher.from_data_dir(
-        args.data_dir,
+    teacher = ReferenceTeacher(
+        {**load_workloads(args.data_dir), **own},
         latency_ms=args.latency_ms,
         latency_sigma=args.latency_sigma,
         flaw_rate=args.flaw_rate,

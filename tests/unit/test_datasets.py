@@ -206,3 +206,14 @@ def test_the_examples_of_docs_own_data_load(tmp_path: Path) -> None:
     mapped = load_file(tmp_path / "lights.csv", tmp_path / "mapping.yaml")
     assert mapped.tools == ["lights"] and mapped.reply_for("lights_off") == "Turning the lights off."
     assert mapped.reply_for("lights_on") == "I can help you with lights on."
+
+
+def test_the_reference_teacher_process_refuses_a_bad_data_file_naming_it(tmp_path: Path, capsys) -> None:
+    from services.teacher.__main__ import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\n,empty\n")
+    assert main(["--data", str(bad), "--port", "1"]) == 2
+    assert "line 2: 'text' is missing or empty" in capsys.readouterr().err
+    assert main(["--data", str(bad), "--data", str(bad), "--mapping", str(bad)]) == 2
+    assert "--mapping goes with exactly one --data" in capsys.readouterr().err
