@@ -239,6 +239,24 @@ def smoke() -> None:
         sys.exit(1)
 
 
+def own_data_options(data_help: str) -> Callable[[F], F]:
+    """``--data FILE`` and ``--mapping FILE`` (a data set of your own, docs/own-data.md)."""
+
+    def decorate(func: F) -> F:
+        func = click.option(
+            "--mapping",
+            "mapping_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default=None,
+            help="With --data: labels to tools and replies (YAML or JSON); default one tool per label",
+        )(func)
+        return click.option(
+            "--data", "data_file", type=click.Path(dir_okay=False, path_type=Path), default=None, help=data_help
+        )(func)
+
+    return decorate
+
+
 @main.command()
 @click.option("--short", is_flag=True, help="Shorter live and recovery phases (training is the same): a first look")
 @click.option(
@@ -251,20 +269,9 @@ def smoke() -> None:
 )
 @click.option("--reset", is_flag=True, help="Stop the stack and delete FLYWHEEL_HOME first (starts from nothing)")
 @click.option("--smoke-only", is_flag=True, help="Only start the stack and check every part answers")
-@click.option(
-    "--data",
-    "data_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Your own labelled data set (CSV, TSV or JSONL: text, label, optional arguments and split) instead of "
-    "--workload; its agent <name>-bot is added to FLYWHEEL_HOME/agents.yaml (docs/own-data.md)",
-)
-@click.option(
-    "--mapping",
-    "mapping_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="With --data: labels to tools and replies (YAML or JSON); default one tool per label",
+@own_data_options(
+    "Your own labelled data set (CSV, TSV or JSONL: text, label, optional arguments and split) instead of "
+    "--workload; its agent <name>-bot is added to FLYWHEEL_HOME/agents.yaml (docs/own-data.md)"
 )
 @friendly_errors
 def demo(
@@ -407,15 +414,10 @@ def send(
 @click.option(
     "--workload", "workload_name", type=click.Choice(["banking77", "nlupp"]), default="banking77", show_default=True
 )
-@click.option(
-    "--data",
-    "data_file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Replay your own labelled data set (CSV, TSV or JSONL) instead of --workload; the reference teacher "
-    "answers it as reference/<name>",
+@own_data_options(
+    "Replay your own labelled data set (CSV, TSV or JSONL) instead of --workload; the reference teacher answers "
+    "it as reference/<name> (docs/own-data.md)"
 )
-@click.option("--mapping", "mapping_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--intents", default=None, help="Comma-separated intents to draw from (default: all)")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="train", show_default=True)
 @click.option("--label-share", default=0.0, show_default=True, help="Share of requests carrying the client's label")

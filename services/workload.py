@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 
 from services.core.records import ChatMessage, InferenceRequest, InferenceResponse
 from services.core.settings import Settings
+from services.teacher.contract import Example, Workload
 from services.teacher.datasets import registry_dir
-from services.teacher.workloads import Example, Workload, load_workload
+from services.teacher.workloads import load_workload
 
 
 def draw(

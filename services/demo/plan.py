@@ -13,7 +13,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from services.teacher.workloads import Workload
+from services.teacher.contract import Workload
 
 AGENT_FOR_WORKLOAD = {"banking77": "support-bot", "nlupp": "banking-nlu"}
 GRACE_REQUESTS = 1200  # about 1,000 training pairs after curation and the holdout: what the student needs

@@ -49,15 +49,9 @@ import numpy as np
 from services.core.records import ChatMessage, ToolCall
 from services.router.plan import is_plan_request
 from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
+from services.teacher.contract import STEP_INSTRUCTION_RE, Example, Workload
 from services.teacher.datasets import DataSetError, registry_dir
-from services.teacher.workloads import (
-    STEP_INSTRUCTION_RE,
-    Example,
-    Workload,
-    load_workload,
-    load_workloads,
-    registered_names,
-)
+from services.teacher.workloads import load_workload, load_workloads, registered_names
 
 if TYPE_CHECKING:
     from services.core.settings import Settings

@@ -13,42 +13,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from services.teacher.contract import (
-    SPLITS,
-    STEP_INSTRUCTION,
-    STEP_INSTRUCTION_RE,
-    Example,
-    Workload,
-    nlupp_label,
-)
-from services.teacher.datasets import NAME_RE, DataSetError, load_registered, read_banking77, read_nlupp
-from services.teacher.tables import (
-    BANKING77_REPLIES,
-    BANKING77_TOOLS,
-    NLUPP_REPLIES,
-    NLUPP_TOOLS,
-    NO_INTENT,
-    banking77_arguments,
-)
-
-__all__ = [
-    "BANKING77_REPLIES",
-    "BANKING77_TOOLS",
-    "NLUPP_REPLIES",
-    "NLUPP_TOOLS",
-    "NO_INTENT",
-    "SPLITS",
-    "STEP_INSTRUCTION",
-    "STEP_INSTRUCTION_RE",
-    "WORKLOAD_NAMES",
-    "Example",
-    "Workload",
-    "banking77_arguments",
-    "load_workload",
-    "load_workloads",
-    "missing_files",
-    "nlupp_label",
-]
+from services.teacher.contract import Workload
+from services.teacher.datasets import NAME_RE, load_registered, read_banking77, read_nlupp
 
 WORKLOAD_NAMES = ("banking77", "nlupp")
 
@@ -73,7 +39,8 @@ def _load_cached(name: str, data_dir: Path) -> Workload:
 
 def load_workload(name: str, data_dir: Path | str, registry: Path | None = None) -> Workload:
     """A workload by name: a built-in one (read once per data directory) or one registered in ``registry``
-    (``datasets.register``; read afresh, as it may have been registered again)."""
+    (``datasets.register``; read afresh, as it may have been registered again; ``DataSetError`` if it no
+    longer reads)."""
     if name in WORKLOAD_NAMES:
         return _load_cached(name, Path(data_dir).resolve())
     if registry is not None and NAME_RE.match(name) and (registry / name / "examples.jsonl").is_file():
@@ -90,7 +57,3 @@ def registered_names(registry: Path | None) -> list[str]:
 
 def load_workloads(data_dir: Path | str) -> dict[str, Workload]:
     return {name: load_workload(name, data_dir) for name in WORKLOAD_NAMES}
-
-
-# DataSetError is raised by load_workload for a registered data set that no longer reads.
-_ = DataSetError

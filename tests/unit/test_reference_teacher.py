@@ -15,6 +15,7 @@ from services.core.records import ChatMessage
 from services.core.settings import REPO_ROOT
 from services.stack.process import StackError, free_port
 from services.teacher.base import Teacher, TeacherError
+from services.teacher.contract import Workload, nlupp_label
 from services.teacher.reference import (
     FLAW_KINDS,
     HEDGE_PHRASES,
@@ -23,17 +24,8 @@ from services.teacher.reference import (
     flaw_for,
     normalise,
 )
-from services.teacher.workloads import (
-    BANKING77_REPLIES,
-    BANKING77_TOOLS,
-    NLUPP_REPLIES,
-    NLUPP_TOOLS,
-    Workload,
-    banking77_arguments,
-    load_workload,
-    load_workloads,
-    nlupp_label,
-)
+from services.teacher.tables import BANKING77_REPLIES, BANKING77_TOOLS, NLUPP_REPLIES, NLUPP_TOOLS, banking77_arguments
+from services.teacher.workloads import load_workload, load_workloads
 
 DATA = REPO_ROOT / "data"
 B77 = "reference/banking77"
@@ -391,7 +383,7 @@ def _plan_chat(text: str, system: str | None = "You route banking requests.") ->
 
 def test_a_plan_has_one_step_per_intent_most_specific_first(clean: ReferenceTeacher) -> None:
     from services.router.plan import parse_plan
-    from services.teacher.workloads import STEP_INSTRUCTION
+    from services.teacher.contract import STEP_INSTRUCTION
 
     ans = clean.answer_chat(NLUPP, _plan_chat(PLAN_TEXT), tools=True)
     assert (ans.kind, ans.finish_reason, ans.tool_call, ans.flaw) == ("plan", "stop", None, None)
