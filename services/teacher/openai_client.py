@@ -20,6 +20,7 @@ httpx transport degrades badly with many requests in flight (encode/httpx#3215),
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,6 +30,10 @@ from pydantic import SecretStr
 
 from services.core.records import ChatMessage, ToolCall
 from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
+
+# The SDK's HTTP layer logs every request at INFO: a line per teacher call, thousands a second in the router.
+for _name in ("httpx2", "httpx"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 ERROR_TEXT_LIMIT = 500
 RETRYABLE_STATUS = frozenset({408, 409, 429})  # plus every 5xx: what the SDK retries
