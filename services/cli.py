@@ -294,6 +294,7 @@ def demo(
     if reset:
         reset_home(settings)
         console.print(f"reset: deleted {settings.home.absolute()}")
+        settings = _settings()  # FLYWHEEL_HOME/agents.yaml, if there was one, went with it
     held_back = 5
     if data_file is not None:
         settings, agent_id, workload, held_back = _own_data_demo(settings, data_file, mapping_file)
@@ -645,8 +646,9 @@ def import_history(agent_id: str, path: Path) -> None:
 
     from services.history_import import import_file, rejected_path
 
-    sent, bad = asyncio.run(import_file(_settings(), agent_id, path))
-    console.print(f"imported {sent} interaction{'s' if sent != 1 else ''} for {agent_id} from {path}")
+    sent, known, bad = asyncio.run(import_file(_settings(), agent_id, path))
+    again = f" ({known} already imported)" if known else ""
+    console.print(f"imported {sent} interaction{'s' if sent != 1 else ''} for {agent_id} from {path}{again}")
     if bad:
         first = "; ".join(f"line {b.number}: {b.reason}" for b in bad[:3])
         err_console.print(

@@ -15,6 +15,7 @@ reason and the others still land. Pure parsing: nothing here talks to Kafka (``i
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterator
@@ -168,9 +169,27 @@ def rejected_path(path: Path) -> Path:
     return path.with_name(path.name + ".rejected.jsonl")
 
 
-async def import_file(settings: Settings, agent_id: str, path: Path) -> tuple[int, list[BadLine]]:
-    """Parse the file, send its interactions to flywheel.interactions (acknowledged), report the bad lines
-    beside it. Returns (interactions sent, bad lines)."""
+def already_stored(settings: Settings, request_ids: list[str]) -> set[str]:
+    """The request ids that ClickHouse already holds (an earlier import of the same lines)."""
+    from services.core.clickhouse import client
+
+    if not request_ids:
+        return set()
+    ch = client(settings)
+    try:
+        rows = ch.query(
+            "SELECT DISTINCT request_id FROM interaction_ids WHERE request_id IN {ids:Array(String)}",
+            parameters={"ids": request_ids},
+        ).result_rows
+    finally:
+        ch.close()
+    return {row[0] for row in rows}
+
+
+async def import_file(settings: Settings, agent_id: str, path: Path) -> tuple[int, int, list[BadLine]]:
+    """Parse the file, send its new interactions to flywheel.interactions (acknowledged), report the bad lines
+    beside it. Lines already stored are not sent again (the logger would drop them anyway: this is what tells
+    the user). Returns (interactions sent, lines already imported, bad lines)."""
     from services.core import topics
     from services.core.agents import load_agents
     from services.core.codec import AvroCodec
@@ -187,13 +206,15 @@ async def import_file(settings: Settings, agent_id: str, path: Path) -> tuple[in
         )
     elif report.exists():
         report.unlink()  # from an earlier import of a file since fixed
+    stored = await asyncio.to_thread(already_stored, settings, [rec.request_id for rec in parsed.interactions])
+    fresh = [rec for rec in parsed.interactions if rec.request_id not in stored]
     producer = create_producer(settings)
     await producer.start()
     try:
         publisher = Publisher(producer, AvroCodec())
-        pending = [await publisher.send_nowait(topics.INTERACTIONS, rec, rec.request_id) for rec in parsed.interactions]
+        pending = [await publisher.send_nowait(topics.INTERACTIONS, rec, rec.request_id) for rec in fresh]
         for fut in pending:
             await fut
     finally:
         await producer.stop()
-    return len(parsed.interactions), parsed.bad
+    return len(fresh), len(parsed.interactions) - len(fresh), parsed.bad

@@ -113,7 +113,10 @@ class Settings(BaseSettings):
     gateway_timeout_s: float = Field(60.0, gt=0, description="How long a request waits for its answer")
 
     # Agents and data.
-    agents_file: Path = Field(REPO_ROOT / "agents.yaml", description="The agents' configuration (agents.yaml)")
+    agents_file: Path = Field(
+        REPO_ROOT / "agents.yaml",
+        description="The agents' configuration (agents.yaml); FLYWHEEL_HOME/agents.yaml instead when it exists",
+    )
     data_dir: Path = Field(REPO_ROOT / "data", description="Labelled data sets behind the reference teacher")
 
     # The reference teacher (the local stack's offline stand-in for a frontier model).
@@ -180,6 +183,15 @@ class Settings(BaseSettings):
         from services.core.threads import parse_threads
 
         return parse_threads(getattr(self, key), key)
+
+    @model_validator(mode="after")
+    def _home_agents_file(self) -> Settings:
+        # `flywheel demo --data` writes the configured agents plus the data set's to FLYWHEEL_HOME/agents.yaml:
+        # every command with that home reads it, unless FLYWHEEL_AGENTS_FILE names another file.
+        home_file = self.home / "agents.yaml"
+        if "agents_file" not in self.model_fields_set and home_file.is_file():
+            self.agents_file = home_file
+        return self
 
     @model_validator(mode="after")
     def _replicas(self) -> Settings:

@@ -307,6 +307,7 @@ def test_import_history_twice_adds_it_once_and_reports_bad_lines(
     assert wait_for(500) == 500
     again = run(settings, "import", "--agent", "support-bot", str(history))
     assert again.returncode == 0, again.stderr
+    assert "imported 0 interactions for support-bot" in again.stdout and "(500 already imported)" in again.stdout
     # A new line after the re-import: once it is stored, the re-imported ones have been read (and skipped).
     extra = tmp_path / "extra.jsonl"
     extra.write_text(lines[0].replace("question 0", "question 500") + "\n")

@@ -99,3 +99,14 @@ def test_kafka_client_configs_carry_security(monkeypatch: pytest.MonkeyPatch) ->
     assert conf["security.protocol"] == "sasl_plaintext" and conf["sasl.password"] == "pw"
     aio = aiokafka_config(s)
     assert aio["sasl_mechanism"] == "SCRAM-SHA-512" and aio["sasl_plain_password"] == "pw"
+
+
+def test_the_homes_agents_file_is_read_unless_another_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.core.settings import REPO_ROOT
+
+    monkeypatch.setenv("FLYWHEEL_HOME", str(tmp_path))
+    assert Settings.load().agents_file == REPO_ROOT / "agents.yaml"
+    (tmp_path / "agents.yaml").write_text("agents: {}\n")  # what `flywheel demo --data` writes there
+    assert Settings.load().agents_file == tmp_path / "agents.yaml"
+    monkeypatch.setenv("FLYWHEEL_AGENTS_FILE", str(REPO_ROOT / "agents.yaml"))
+    assert Settings.load().agents_file == REPO_ROOT / "agents.yaml"
