@@ -334,14 +334,18 @@ def _own_data_demo(settings: Settings, data_file: Path, mapping_file: Path | Non
     """Register a data set of your own and give it the demo agent: (settings reading the agents file that holds
     it, agent id, workload, intents held back for the drift phase)."""
     from services.core.agents import load_agents
-    from services.demo.own_data import TEMPLATE_AGENT, demo_agent, demo_sizes, write_agents_file
+    from services.curator.labelling import Embedder
+    from services.demo.own_data import TEMPLATE_AGENT, cluster_threshold, demo_agent, demo_sizes, write_agents_file
+    from services.demo.plan import frequent_intents
     from services.stack.local import LocalStack
     from services.teacher.datasets import load_file, register
 
     workload = load_file(data_file, mapping_file)
     template = load_agents(settings.agents_file).agent(TEMPLATE_AGENT)
     first, held_back = demo_sizes(len(workload.intents), template.grace_period.min_unique_intents)
-    agent = demo_agent(workload, template, first)
+    with console.status("calibrating the intent clusters on the data set (MiniLM embeddings)..."):
+        threshold = cluster_threshold(workload, frequent_intents(workload)[:first], Embedder().embed)
+    agent = demo_agent(workload, template, first, threshold)
     target = settings.home.absolute() / "agents.yaml"
     running = [p.name for p in LocalStack(settings).status() if p.pid is not None and p.name in SERVICE_PARTS]
     if running and settings.agents_file.absolute() != target:
@@ -355,7 +359,8 @@ def _own_data_demo(settings: Settings, data_file: Path, mapping_file: Path | Non
     console.print(
         f"data set [bold]{workload.name}[/]: {len(workload.examples('train'))} train and "
         f"{len(workload.examples('test'))} test messages, {len(workload.intents)} labels, {len(workload.tools)} "
-        f"tools; agent [bold]{agent.agent_id}[/] in {target} (teacher: {workload.model})"
+        f"tools; agent [bold]{agent.agent_id}[/] in {target} (teacher: {workload.model}; intent clusters join at "
+        f"cosine {threshold:.2f})"
     )
     return settings.model_copy(update={"agents_file": target}), agent.agent_id, workload, held_back
 

@@ -112,6 +112,10 @@ class Curation(_Strict):
     max_per_intent: int | None = Field(None, ge=1, description="Cap per intent, to keep the set balanced")
     few_shot_examples: int = Field(8, ge=0, description="Examples in the stage-1 prompt")
     retry_growth: float = Field(0.25, gt=0, description="After a rejection, wait for this share more data")
+    # A message without a label (the student served it) joins a known intent at this MiniLM cosine, else it opens a
+    # cluster of its own, which the drift monitor counts as an unseen intent. 0.7 fits BANKING77's paraphrases;
+    # `flywheel demo --data` calibrates it on the data set (labelling.calibrate_threshold).
+    cluster_threshold: float = Field(0.7, gt=0, lt=1, description="Cosine at which a message joins a known intent")
 
 
 LINEAR_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -140,6 +140,32 @@ def assign_clusters(
     return out
 
 
+def calibrate_threshold(
+    labels: Sequence[str],
+    vectors: np.ndarray,
+    samples: int,
+    quantile: float = 0.05,
+    floor: float = 0.3,
+    ceiling: float = CLUSTER_THRESHOLD,
+) -> float:
+    """The cluster threshold at which all but ``quantile`` of a labelled data set's messages would join their own
+    intent, its centroid made as the curator makes it (from ``samples`` examples of the intent, the first in
+    order); within [floor, ceiling]. A data set whose paraphrases sit further apart than BANKING77's (short,
+    lower-case messages) gets a lower threshold, so its known intents are not taken for unseen ones."""
+    by_label: dict[str, list[np.ndarray]] = {}
+    for label, vec in zip(labels, np.asarray(vectors, dtype=np.float64), strict=True):
+        by_label.setdefault(label, []).append(vec)
+    sims: list[float] = []
+    for members in by_label.values():
+        if len(members) <= samples:
+            continue
+        centroid = _normalise(np.sum(members[:samples], axis=0)[None, :])[0]
+        sims.extend(float(v @ centroid) for v in members[samples:])
+    if not sims:
+        return ceiling
+    return float(min(ceiling, max(floor, np.quantile(sims, quantile))))
+
+
 def _normalise(m: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(m, axis=1, keepdims=True)
     return m / np.where(norms == 0, 1.0, norms)

@@ -148,7 +148,11 @@ def read_pairs(ch: Client, agent_id: str, until: datetime) -> list[Pair]:
 
 
 def label_intents(
-    ch: Client, agent_id: str, embedder: labelling.Embedder | None, limit: int = LABEL_BATCH
+    ch: Client,
+    agent_id: str,
+    embedder: labelling.Embedder | None,
+    limit: int = LABEL_BATCH,
+    threshold: float = labelling.CLUSTER_THRESHOLD,
 ) -> Counter[str]:
     """Label the agent's interactions that have no row in ``intent_labels`` yet; returns counts per source.
     Embeddings are computed only for the requests that need a cluster (plus a few labelled reference
@@ -163,7 +167,7 @@ def label_intents(
         elif embedder is not None and (user_text or "").strip():
             need.append((request_id, user_text))
     if need and embedder is not None:
-        done.extend(_cluster(ch, agent_id, need, done, embedder))
+        done.extend(_cluster(ch, agent_id, need, done, embedder, threshold))
     if done:
         ch.insert(
             "intent_labels",
@@ -179,6 +183,7 @@ def _cluster(
     need: list[tuple[str, str]],
     fresh: list[labelling.Labelled],
     embedder: labelling.Embedder,
+    threshold: float,
 ) -> list[labelling.Labelled]:
     samples = ch.query(
         queries.LABEL_SAMPLES_SQL, parameters={"agent": agent_id, "per_intent": CENTROID_SAMPLES}
@@ -191,7 +196,11 @@ def _cluster(
     need = sorted(need)
     vectors = embedder.embed([text for _, text in need])
     labels = labelling.assign_clusters(
-        vectors, names, cents, first_index=labelling.next_cluster_index([*used, *(x.intent for x in fresh)])
+        vectors,
+        names,
+        cents,
+        threshold,
+        first_index=labelling.next_cluster_index([*used, *(x.intent for x in fresh)]),
     )
     return [labelling.Labelled(rid, agent_id, label, "cluster") for (rid, _), label in zip(need, labels, strict=True)]
 
@@ -284,7 +293,8 @@ class Curator(LifecycleService):
         now = self.clock()
         ids = list(self.agents.agents)
         for agent_id in ids:
-            got = label_intents(ch, agent_id, self.embedder)
+            threshold = self.agents.agent(agent_id).curation.cluster_threshold
+            got = label_intents(ch, agent_id, self.embedder, threshold=threshold)
             for source, n in got.items():
                 self.stats[f"labelled_{source}"] += n
         counts: dict[str, GraceCounts] | None = None

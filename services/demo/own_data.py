@@ -2,12 +2,14 @@
 
 The data set becomes a workload (``teacher.datasets``), registered where the reference teacher answers for it
 as ``reference/<name>``. Its agent, ``<name>-bot``, is the demo agent's (``support-bot``'s) settings with the
-data set's contract: its tools, labels and answer schema. It is written, beside the agents already configured,
+data set's contract: its tools, labels and answer schema, and a cluster threshold measured on its messages
+(the drift monitor's unseen intents depend on it). It is written, beside the agents already configured,
 to ``FLYWHEEL_HOME/agents.yaml``, which the stack's services then read (pure but for ``write_agents_file``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from services.teacher.contract import Workload
 
 TEMPLATE_AGENT = "support-bot"  # the demo agent whose settings a data set's agent takes
 HELD_BACK = 5  # intents kept for the drift phase, as in the built-in demo
+CALIBRATION_MESSAGES = 40  # train messages per intent embedded to calibrate the cluster threshold
 
 
 class OwnDataError(ValueError):
@@ -40,8 +43,27 @@ def agent_id_for(workload: Workload) -> str:
     return f"{workload.name}-bot"[:63]
 
 
-def demo_agent(workload: Workload, template: AgentConfig, n_intents: int) -> AgentConfig:
-    """The data set's agent: the template's settings, the data set's teacher model and contract."""
+def cluster_threshold(workload: Workload, intents: list[str], embed: Callable[[list[str]], Any]) -> float:
+    """The curator's cluster threshold for this data set (``labelling.calibrate_threshold``), measured on the
+    train messages of the intents the agent starts with (at most ``CALIBRATION_MESSAGES`` of each)."""
+    from services.curator.labelling import calibrate_threshold
+    from services.curator.service import CENTROID_SAMPLES
+
+    chosen = set(intents)
+    per_intent: dict[str, list[str]] = {}
+    for e in workload.examples("train"):
+        if e.intent in chosen and len(per_intent.setdefault(e.intent, [])) < CALIBRATION_MESSAGES:
+            per_intent[e.intent].append(e.text)
+    labels = [label for label, texts in per_intent.items() for _ in texts]
+    texts = [text for group in per_intent.values() for text in group]
+    return round(calibrate_threshold(labels, embed(texts), CENTROID_SAMPLES), 3)
+
+
+def demo_agent(
+    workload: Workload, template: AgentConfig, n_intents: int, threshold: float | None = None
+) -> AgentConfig:
+    """The data set's agent: the template's settings, the data set's teacher model and contract (and, when
+    given, the cluster threshold calibrated on it)."""
     data = template.model_dump(mode="json")
     data.update(
         agent_id=agent_id_for(workload),
@@ -56,6 +78,8 @@ def demo_agent(workload: Workload, template: AgentConfig, n_intents: int) -> Age
     data["teacher"] = {**data["teacher"], "model": workload.model}
     data["grace_period"] = {**data["grace_period"], "min_unique_intents": n_intents}
     data["system_prompt"] = None
+    if threshold is not None:
+        data["curation"] = {**data["curation"], "cluster_threshold": threshold}
     return AgentConfig.model_validate(data)
 
 

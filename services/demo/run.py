@@ -357,8 +357,18 @@ class Demo:
         self._promoted(verdict)
 
         live = plan.phase("live")
-        start, _ = await self.traffic(live)
-        self.record_phase(live, start)
+        live_start, _ = await self.traffic(live)
+        self.record_phase(live, live_start)
+
+        # The monitor may fire on the live traffic itself (intents the teacher gives outside the agent's, or
+        # messages the curator's clusters take for new intents): that retrain is the one the demo follows.
+        if early := await self.first_drift(live_start):
+            self.notes.append(
+                f"the drift monitor fired during the live phase, before the held-back intents arrived: {early.reason}"
+                f" ({_brief(early.evidence).get('summary', '')}); the drift phase was skipped"
+            )
+            self.console.print(f"[yellow]drift detected in the live phase[/]: {early.reason}", highlight=False)
+            return await self.retrain_and_recover(early, live)
 
         # The drift phase ends when the monitor fires: on 2 cores, serving the rest of it beside the retrain
         # slowed both about fivefold (training at 0.46 examples/s against 2.9, the student at 0.25 answers/s).
@@ -378,12 +388,16 @@ class Demo:
         self.console.print(
             f"[yellow]drift detected[/]: {trigger.reason} {json.dumps(_brief(trigger.evidence))}", highlight=False
         )
-        verdict = await self.train_until_verdict(trigger.created_at - timedelta(seconds=1), drift)
+        return await self.retrain_and_recover(trigger, drift)
+
+    async def retrain_and_recover(self, trigger: RetrainTriggered, traffic: Phase) -> DemoReport:
+        """Wait for the retrain the trigger started (more ``traffic`` after a rejection), then the recovery."""
+        verdict = await self.train_until_verdict(trigger.created_at - timedelta(seconds=1), traffic)
         if verdict.kind != "promoted":
             self.notes.append("the retrained candidate was rejected: the previous student kept serving")
         else:
             self._promoted(verdict)
-        recovery = plan.phase("recovery")
+        recovery = self.plan.phase("recovery")
         start, _ = await self.traffic(recovery)
         self.record_phase(recovery, start)
         return self.report()

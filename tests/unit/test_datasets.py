@@ -217,3 +217,34 @@ def test_the_reference_teacher_process_refuses_a_bad_data_file_naming_it(tmp_pat
     assert "line 2: 'text' is missing or empty" in capsys.readouterr().err
     assert main(["--data", str(bad), "--data", str(bad), "--mapping", str(bad)]) == 2
     assert "--mapping goes with exactly one --data" in capsys.readouterr().err
+
+
+def test_the_cluster_threshold_is_calibrated_on_the_data_sets_own_messages() -> None:
+    import numpy as np
+
+    from services.curator.labelling import calibrate_threshold
+
+    rng = np.random.default_rng(0)
+    centres = np.eye(8)[:4]
+
+    def messages(spread: float) -> tuple[list[str], np.ndarray]:
+        labels, vecs = [], []
+        for i, c in enumerate(centres):
+            for _ in range(30):
+                v = c + rng.normal(0, spread, 8)
+                vecs.append(v / np.linalg.norm(v))
+                labels.append(f"intent{i}")
+        return labels, np.array(vecs)
+
+    tight = calibrate_threshold(*messages(0.05), samples=8)
+    loose = calibrate_threshold(*messages(0.4), samples=8)
+    assert tight == 0.7  # paraphrases closer than the default: the default (the ceiling) stays
+    assert 0.3 <= loose < 0.7  # further apart: lower, so known intents are not taken for unseen ones
+    assert calibrate_threshold(["a"] * 3, np.eye(3), samples=8) == 0.7  # too few messages to measure
+
+
+def test_the_demo_agent_carries_the_calibrated_threshold(tmp_path: Path) -> None:
+    w = load_file(write_jsonl(tmp_path / "assistant.jsonl"))
+    template = load_agents(Settings().agents_file).agent("support-bot")
+    assert demo_agent(w, template, 3, 0.41).curation.cluster_threshold == 0.41
+    assert demo_agent(w, template, 3).curation.cluster_threshold == template.curation.cluster_threshold == 0.7
