@@ -98,11 +98,15 @@ def _answer(answer: Answer | None) -> tuple[Any, ...]:
 
 
 def message_row(m: ChatMessage) -> dict[str, Any]:
-    """One message in the ``messages`` JSON; ``tool_calls`` only where an assistant turn made some."""
-    row: dict[str, Any] = {"role": m.role, "content": m.content, "name": m.name, "tool_call_id": m.tool_call_id}
-    if m.tool_calls:
-        row["tool_calls"] = [c.model_dump() for c in m.tool_calls]
-    return row
+    """One message in the ``messages`` JSON, as the ClickHouse mapping writes it (``tool_calls`` since schema v2;
+    rows stored before have no such key)."""
+    return {
+        "role": m.role,
+        "content": m.content,
+        "name": m.name,
+        "tool_call_id": m.tool_call_id,
+        "tool_calls": [c.model_dump() for c in m.tool_calls],
+    }
 
 
 def interaction_row(rec: Interaction) -> tuple[Any, ...]:

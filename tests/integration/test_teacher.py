@@ -108,7 +108,8 @@ async def test_models_health_and_refusals_over_plain_http(teacher, settings: Set
     async with aiohttp.ClientSession() as http:
         async with http.get(f"{base}/models") as resp:
             assert resp.status == 200
-            assert [m["id"] for m in (await resp.json())["data"]] == ["reference/banking77", "reference/nlupp"]
+            # The built-in workloads first; data sets registered by other tests of the session may follow.
+            assert [m["id"] for m in (await resp.json())["data"]][:2] == ["reference/banking77", "reference/nlupp"]
         async with http.get(f"{root}/health") as resp:
             health = await resp.json()
             assert resp.status == 200 and health["teacher"] == "reference"

@@ -204,7 +204,13 @@ def test_user_text_is_the_last_user_message_and_messages_are_json() -> None:
     assert row["user_text"] == "The visa / débit one 💳"
     messages = json.loads(row["messages"])
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
-    assert messages[3] == {"role": "user", "content": "The visa / débit one 💳", "name": "ana", "tool_call_id": None}
+    assert messages[3] == {
+        "role": "user",
+        "content": "The visa / débit one 💳",
+        "name": "ana",
+        "tool_call_id": None,
+        "tool_calls": [],
+    }
     assert "débit" in row["messages"] and "\\/" not in row["messages"]  # UTF-8 text, slashes not escaped
     assert row["metadata"] == {"channel": "web"} and row["intent"] == "card_arrival"
 
