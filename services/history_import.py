@@ -140,10 +140,7 @@ def _pair_line(obj: dict[str, Any]) -> tuple[list[ChatMessage], Answer, str | No
 
 def _answer(raw: dict[str, Any], model: str, messages: list[ChatMessage], usage: Any) -> Answer:
     content = text_of(raw.get("content"))
-    try:
-        calls = message_tool_calls(raw.get("tool_calls"), 0)
-    except ShapeError as exc:
-        raise LineError(f"the answer's {str(exc).removeprefix('messages[0].')}") from exc
+    calls = message_tool_calls(raw.get("tool_calls"), "answer")
     if not content and not calls:
         raise LineError("the answer has neither content nor tool calls")
     tokens_in = tokens_out = None

@@ -32,7 +32,7 @@ def chat_message(raw: Any, index: int) -> ChatMessage:
         role = "system"  # the newer name for the system role
     if role not in ROLES:
         raise ShapeError(f"messages[{index}]: unknown role {role!r}")
-    calls = message_tool_calls(raw.get("tool_calls"), index) if role == "assistant" else []
+    calls = message_tool_calls(raw.get("tool_calls"), f"messages[{index}]") if role == "assistant" else []
     content = text_of(raw.get("content"))
     if content is None and calls:
         content = ""  # an assistant turn that only calls tools
@@ -43,17 +43,18 @@ def chat_message(raw: Any, index: int) -> ChatMessage:
     )
 
 
-def message_tool_calls(raw: Any, index: int) -> list[ToolCall]:
-    """An assistant message's ``tool_calls`` (OpenAI shape) as records; arguments stay JSON text."""
+def message_tool_calls(raw: Any, where: str) -> list[ToolCall]:
+    """An assistant message's ``tool_calls`` (OpenAI shape) as records; arguments stay JSON text. ``where`` names
+    the message in errors (``messages[2]``)."""
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise ShapeError(f"messages[{index}].tool_calls must be a list")
+        raise ShapeError(f"{where}.tool_calls must be a list")
     calls = []
     for j, call in enumerate(raw):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise ShapeError(f"messages[{index}].tool_calls[{j}] has no function name")
+            raise ShapeError(f"{where}.tool_calls[{j}] has no function name")
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):  # some clients send an object; the contract is JSON text
             args = json.dumps(args, separators=(",", ":"))

@@ -101,6 +101,8 @@ class Router:
     ) -> None:
         self.settings = settings
         self.agents = agents
+        # How each agent's teacher requests are shaped: fixed for the router's life, so made once, not per request.
+        self.teacher_options = {agent_id: teacher_options(cfg) for agent_id, cfg in agents.agents.items()}
         self.teachers = teachers
         self.student = student
         self.codec = codec or AvroCodec()
@@ -126,8 +128,7 @@ class Router:
         return self.teachers.get(teacher_address(self.settings, cfg), self.teachers[""])
 
     async def _ask_teacher(self, request: InferenceRequest) -> Answer:
-        agent = self.agents.agent(request.agent_id)
-        cfg = agent.teacher
+        cfg = self.agents.agent(request.agent_id).teacher
         t0 = time.perf_counter()
         try:
             done: Completion = await asyncio.wait_for(
@@ -136,7 +137,7 @@ class Router:
                     model=cfg.model,
                     tools=request.tools,
                     max_tokens=cfg.max_tokens,
-                    options=teacher_options(agent),
+                    options=self.teacher_options[request.agent_id],
                 ),
                 cfg.timeout_s,
             )

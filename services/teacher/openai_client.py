@@ -30,6 +30,7 @@ import openai
 from pydantic import SecretStr
 
 from services.core.records import ChatMessage, ToolCall
+from services.openai_shape import tool_calls_payload
 from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
 
 # The SDK's HTTP layer logs every request at INFO: a line per teacher call, thousands a second in the router.
@@ -89,8 +90,6 @@ def tools_payload(tools: str | None) -> list[dict[str, Any]] | None:
 
 def message_payload(message: ChatMessage) -> dict[str, Any]:
     """A message as the API takes it; an assistant turn's tool calls go back as they came."""
-    from services.openai_shape import tool_calls_payload
-
     out: dict[str, Any] = {"role": message.role, "content": message.content}
     if message.tool_calls:
         out["tool_calls"] = tool_calls_payload(message.tool_calls)

@@ -50,8 +50,8 @@ from services.core.records import ChatMessage, ToolCall
 from services.router.plan import is_plan_request
 from services.teacher.base import Completion, TeacherError, TeacherOptions, approx_tokens
 from services.teacher.contract import STEP_INSTRUCTION_RE, Example, Workload
-from services.teacher.datasets import DataSetError, registry_dir
-from services.teacher.workloads import load_workload, load_workloads, registered_names
+from services.teacher.datasets import NAME_RE, DataSetError, load_registered, registry_dir
+from services.teacher.workloads import load_workloads, registered_names
 
 if TYPE_CHECKING:
     from services.core.settings import Settings
@@ -330,13 +330,16 @@ class ReferenceTeacher:
 
     def _registered_for(self, model: str) -> _Served | None:
         name = model.removeprefix(MODEL_PREFIX)
-        if self.registry is None or name == model or name not in registered_names(self.registry):
+        if self.registry is None or name == model or not NAME_RE.match(name):
             return None
-        changed = (self.registry / name / "examples.jsonl").stat().st_mtime_ns
+        try:  # one stat a request: whether it is registered, and whether anew
+            changed = (self.registry / name / "examples.jsonl").stat().st_mtime_ns
+        except FileNotFoundError:
+            return None
         cached = self._registered.get(model)
         if cached is None or cached[0] != changed:
             try:
-                cached = (changed, _Served.build(load_workload(name, "", self.registry)))
+                cached = (changed, _Served.build(load_registered(self.registry / name)))
             except DataSetError as exc:
                 raise UnknownModel(model, self.models, f"its data set does not read: {exc}") from exc
             self._registered[model] = cached
