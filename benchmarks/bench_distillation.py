@@ -72,6 +72,8 @@ def main() -> None:
         "figures are the means, with min, max and standard deviation (overrides --seed)",
     )
     ap.add_argument("--skip-stage1", action="store_true", help="skip the untrained base's evaluation")
+    ap.add_argument("--label-head", action="store_true", help="train a label head (distillation.label_head)")
+    ap.add_argument("--head-weight", type=float, default=None, help="weight of the label head's loss")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     missing = [k for k, v in MALLOC_ENV.items() if os.environ.get(k) != v]
@@ -96,6 +98,10 @@ def main() -> None:
         tuning["target_modules"] = [t.strip() for t in args.targets.split(",") if t.strip()]
     if args.seed is not None:
         tuning["seed"] = args.seed
+    if args.label_head:
+        tuning["label_head"] = True
+    if args.head_weight is not None:
+        tuning["label_head_weight"] = args.head_weight
     output = Output(intents=labels, valid_tools=sorted({json.loads(e.target)["tool"] for e in snap.train}))
     agent = AgentConfig(
         agent_id="bench-bot",
@@ -122,6 +128,7 @@ def main() -> None:
         "lora_r": agent.distillation.lora_r,
         "lora_alpha": agent.distillation.lora_alpha,
         "targets": agent.distillation.target_modules,
+        "label_head": agent.distillation.label_head,
         "command": " ".join(["python", "benchmarks/bench_distillation.py", *sys.argv[1:]]),
     }
 
@@ -248,6 +255,7 @@ def main() -> None:
             },
             "lora_r": figures["lora_r"],
             "targets": ",".join(figures["targets"]),
+            "label_head": figures["label_head"],
             "epochs": args.epochs,
             "lr": args.lr,
             "command": figures["command"],

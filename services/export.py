@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,7 @@ def _merge_weights(spec: dict, source: Path, dest: Path) -> None:
 
     model, tokenizer = load_model_and_tokenizer(str(spec["base_model"]), spec.get("gguf_file"))
     adapter = spec.get("adapter_path")
+    weights_dir = Path(str(spec["base_model"]))
     if adapter:
         from peft import PeftModel
 
@@ -105,8 +107,16 @@ def _merge_weights(spec: dict, source: Path, dest: Path) -> None:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ExportError(f"the version's adapter {adapter_dir} has no adapter_config.json")
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+        weights_dir = adapter_dir
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
+    head = spec.get("label_head")
+    if head:  # beside the weights it reads, where the runtime looks for it
+        found = Path(head) if Path(head).is_absolute() else weights_dir / head
+        if not found.is_file():
+            raise ExportError(f"the version's label head {found} does not exist")
+        shutil.copy2(found, dest / Path(head).name)
+        spec["label_head"] = Path(head).name
 
 
 def _copy_runtime(dest: Path) -> None:

@@ -94,6 +94,8 @@ class StudentModelSpec:
     max_prompt_tokens: int | None = None  # training's prompt limit: longer prompts are cut as in training
     dtype: str = "float32"  # the weights as loaded; ``weight_format`` converts the linear layers after
     weight_format: str = "fp32"  # fp32 / bf16 / int8 (services/student_runtime/weights.py), chosen by the trainer
+    # A label head file beside the adapter (or in the merged model's folder): one decision picks the label.
+    label_head: str | None = None
     num_threads: int | None = None  # torch threads in the Triton stub; default: every core
     warmup: bool = True  # answer once while loading, so a version that cannot answer fails its load
     # Triton scheduling (config.pbtxt, shared by every version of the model).

@@ -12,6 +12,8 @@ What it does differently from ``reference.reference_decode`` (and why the answer
   where the model would have chosen otherwise. From there the model's own token is taken and decoding goes on,
   so the answer is the plain greedy one whatever the draft said. Rejected draft positions are masked out of the
   keys/values (explicit positions keep every row's positions contiguous).
+* **A label head** (``label_head.py``), where the version has one, picks the whole label at the step where it
+  starts; its tokens are then forced. The plain decode does the same.
 * **Only allowed tokens are scored** at a constrained step: hidden state x those rows of the output layer,
   renormalised over them (what the plain decode's renormalised probability is).
 * **The system prompt's keys/values are computed once** per loaded version (``PrefixCache``) and shared by
@@ -26,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.student_runtime.label_head import LabelHead
 from services.student_runtime.labels import LabelCursor
 from services.student_runtime.packed import PackedForward, supports
 from services.student_runtime.weights import BF16Matmul
@@ -106,6 +109,7 @@ class FastDecoder:
         self.prefix: PrefixCache | None = None
         self.tails: dict[tuple[int, ...], list[int]] = {}
         self.default_tail: list[int] = []
+        self.label_head: LabelHead | None = student.label_head
         # Rows packed without padding where the model family allows (``packed.py``), else the HF forward.
         self.packed = PackedForward(self.body) if supports(self.body) else None
 
@@ -323,6 +327,10 @@ class FastDecoder:
             allowed = cursor.allowed()
             if allowed is None:
                 token, prob = free.get((b, col)) or self._free(hidden[col].unsqueeze(0))[0]
+            elif self.label_head is not None and isinstance(cursor, LabelCursor) and cursor.at_label_start:
+                chosen, prob = self.label_head.choose(hidden[col])  # the whole label in one decision
+                cursor.choose(chosen)
+                token = chosen[0]
             elif len(allowed) == 1:
                 token, prob = allowed[0], 1.0
             else:

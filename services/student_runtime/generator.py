@@ -23,6 +23,7 @@ from typing import Any
 from services.core.threads import AdaptiveThreads, parse_threads
 from services.student_runtime.answer import expand_answer
 from services.student_runtime.decode import FastDecoder, NoLabels, Row
+from services.student_runtime.label_head import LabelHead
 from services.student_runtime.labels import LabelTrie
 from services.student_runtime.prompt import PromptError, fit_prompt, parse_prompt, render_prompt, shared_prefix_ids
 from services.student_runtime.reference import reference_decode
@@ -136,6 +137,7 @@ class StudentGenerator:
             if labels
             else None
         )
+        self.label_head = self._load_label_head(spec, Path(base) if local else None, model)
         self.prefix_ids = shared_prefix_ids(self.tokenizer, self.system_prompt)
         self.fast = FastDecoder(self)
         self.fast.cache_prefix(self.prefix_ids)
@@ -149,6 +151,22 @@ class StudentGenerator:
             }
             default = str(spec.get("default_tail") or "")
             self.fast.set_tails(encoded, list(self.tokenizer.encode(default, add_special_tokens=False)))
+
+    def _load_label_head(self, spec: dict[str, Any], base_dir: Path | None, model: Any) -> LabelHead | None:
+        """The version's label head, from beside the adapter (or the merged model); None without one."""
+        name = spec.get("label_head")
+        if not name:
+            return None
+        if not self.labels:
+            raise ValueError(f"spec names a label head ({name}) but no labels")
+        path = Path(str(name))
+        if not path.is_absolute():
+            folder = self.adapter_dir or base_dir
+            if folder is None:
+                raise FileNotFoundError(f"label head {name}: no adapter or local model folder to find it in")
+            path = folder / path
+        sequences = [self.labels.sequences[label] for label in self.labels.sequences]
+        return LabelHead(path, sequences, int(model.get_output_embeddings().weight.shape[1]))
 
     # Prompts ------------------------------------------------------------------------------------------------
     def prompt_text(self, raw: str) -> tuple[str, bool]:

@@ -46,7 +46,7 @@ class LabelTrie:
 class LabelCursor:
     """Where one answer stands: before the label (``start`` None), inside it, or after it (``end`` set)."""
 
-    __slots__ = ("end", "node", "start", "tokens", "trie")
+    __slots__ = ("chosen", "end", "node", "start", "tokens", "trie")
 
     def __init__(self, trie: LabelTrie, start: int | None) -> None:
         self.trie = trie
@@ -54,17 +54,28 @@ class LabelCursor:
         self.start = start
         self.end: int | None = None
         self.node: dict[int, Any] | None = trie.root if start is not None else None
+        self.chosen: list[int] | None = None  # the whole label, when a label head chose it at once
 
     def copy(self) -> LabelCursor:
         other = LabelCursor.__new__(LabelCursor)
-        other.trie, other.tokens, other.start, other.end, other.node = (
+        other.trie, other.tokens, other.start, other.end, other.node, other.chosen = (
             self.trie,
             list(self.tokens),
             self.start,
             self.end,
             self.node,
+            self.chosen,
         )
         return other
+
+    @property
+    def at_label_start(self) -> bool:
+        """The next token is the label's first (call after ``allowed``)."""
+        return self.start is not None and self.end is None and self.start == len(self.tokens)
+
+    def choose(self, sequence: list[int]) -> None:
+        """The label is decided (a label head chose it): its tokens are the only ones allowed from here."""
+        self.chosen = list(sequence)
 
     def allowed(self) -> list[int] | None:
         """Token ids allowed next, or None when this step is unconstrained (idempotent)."""
@@ -79,6 +90,8 @@ class LabelCursor:
         if END in self.node:  # the label (and its suffix) is complete: free generation again
             self.end = len(self.tokens)
             return None
+        if self.chosen is not None:
+            return [self.chosen[len(self.tokens) - self.start]]
         children = [t for t in self.node if t != END]
         return children or None
 

@@ -21,7 +21,7 @@ class LabelConstraint:
 
     def new_state(self, prompt: str) -> dict[str, Any]:
         started = 0 if (self.prefix == "" or prompt.endswith(self.prefix)) else None
-        return {"start": started, "end": None}
+        return {"start": started, "end": None, "chosen": None}
 
     def allowed(self, state: dict[str, Any], generated: list[int]) -> list[int] | None:
         if state["end"] is not None:
@@ -37,6 +37,8 @@ class LabelConstraint:
         if END in node:
             state["end"] = len(generated)
             return None
+        if state.get("chosen") is not None:  # a label head chose the whole label
+            return [state["chosen"][len(generated) - state["start"]]]
         children = [t for t in node if t != END]
         return children or None
 
@@ -47,6 +49,11 @@ def reference_decode(
     """(tokens, probabilities, constraint state, forward passes) per prompt; ``prompts`` are (text, ids)."""
     torch = student.torch
     model = student.model
+    # The transformer and its output layer called apart, so the label head reads the same hidden state.
+    body = getattr(model, model.base_model_prefix)
+    output_layer = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    head = student.label_head
     constraint = LabelConstraint(student.labels) if student.labels else None
     width = max(len(ids) for _, ids in prompts)
     ids = torch.full((len(prompts), width), student.pad_id, dtype=torch.long)
@@ -64,24 +71,31 @@ def reference_decode(
     step_ids, step_pos = ids, positions
     with torch.inference_mode():
         for _ in range(limit):
-            out = model(
+            out = body(
                 input_ids=step_ids,
                 attention_mask=mask,
                 position_ids=step_pos,
                 past_key_values=past,
                 use_cache=True,
-                logits_to_keep=1,
             )
             passes += 1
             past = out.past_key_values
-            logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+            hidden = out.last_hidden_state[:, -1, :]
+            logits = output_layer(hidden).float()
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            logprobs = torch.log_softmax(logits, dim=-1)
             chosen = logprobs.argmax(dim=-1)
             for row in range(len(prompts)):
                 if done[row]:
                     chosen[row] = student.pad_id
                     continue
                 allowed = constraint.allowed(states[row], tokens[row]) if constraint else None
-                if allowed:
+                state = states[row]
+                if allowed and head is not None and state["chosen"] is None and state["start"] == len(tokens[row]):
+                    state["chosen"], prob = head.choose(hidden[row])
+                    tok = state["chosen"][0]
+                elif allowed:
                     allowed_t = torch.tensor(allowed, dtype=torch.long)
                     sub = logprobs[row, allowed_t]
                     best = int(sub.argmax())

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,6 +258,10 @@ def target_segments(target: str, prefix: str = LABEL_PREFIX, suffix: str = LABEL
 class Encoded:
     input_ids: list[int]
     labels: list[int]
+    # The label head's example: the position whose hidden state decides the label (the prefix's last token) and
+    # the label's index among the version's labels; -1 when the answer has no known label.
+    head_pos: int = -1
+    head_label: int = -1
 
     @property
     def answer_tokens(self) -> int:
@@ -274,13 +278,15 @@ def encode_example(
     suffix: str = LABEL_SUFFIX,
     prompt_limit: int | None = None,
     prefix_ids: Sequence[int] = (),
+    label_index: Mapping[str, int] | None = None,
 ) -> Encoded | None:
     """Prompt + answer + EOS as ids, labels IGNORE on the prompt. The prompt text is chat-rendered (its
     special tokens are in the text), so it is encoded without adding more.
 
     A prompt over ``prompt_limit`` tokens is cut by the student runtime's ``fit_prompt`` (the shared
     ``prefix_ids`` and its end kept), the rule serving applies to the same prompt; without a limit it is cut to what
-    ``max_len`` leaves beside the answer. None when the example does not fit ``max_len``."""
+    ``max_len`` leaves beside the answer. None when the example does not fit ``max_len``. With ``label_index``
+    (label -> index) the example also says where the label head reads and which label it should choose."""
     from services.student_runtime.prompt import fit_prompt
 
     prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
@@ -291,7 +297,14 @@ def encode_example(
     prompt_ids = fit_prompt(prompt_ids, limit, list(prefix_ids))
     if len(prompt_ids) + len(answer_ids) > max_len:
         return None
-    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids)
+    head_pos = head_label = -1
+    pieces = target_segments(target, prefix, suffix)
+    if label_index is not None and len(pieces) >= 2 and pieces[0] == prefix:
+        label = pieces[1][: len(pieces[1]) - len(suffix)] if suffix else pieces[1]
+        if label in label_index:
+            head_pos = len(prompt_ids) + len(tokenizer.encode(prefix, add_special_tokens=False)) - 1
+            head_label = label_index[label]
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, head_pos, head_label)
 
 
 def answer_token_ids(
@@ -346,7 +359,8 @@ def batches(items: Sequence[Encoded], batch_size: int, seed: int, bucket: int = 
 
 
 def collate(batch: Iterable[Encoded], pad_id: int) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding)."""
+    """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding); with the label head's
+    examples also head_pos and head_label (-1: none)."""
     import torch
 
     rows = list(batch)
@@ -359,4 +373,8 @@ def collate(batch: Iterable[Encoded], pad_id: int) -> dict[str, Any]:
         ids[i, :n] = torch.tensor(e.input_ids)
         labels[i, :n] = torch.tensor(e.labels)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    out = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if any(e.head_label >= 0 for e in rows):
+        out["head_pos"] = torch.tensor([e.head_pos for e in rows], dtype=torch.long)
+        out["head_label"] = torch.tensor([e.head_label for e in rows], dtype=torch.long)
+    return out

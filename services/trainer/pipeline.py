@@ -19,6 +19,7 @@ from typing import Any
 from services.core.agents import AgentConfig
 from services.core.records import GateVerdict
 from services.student_runtime import StudentGenerator, render_prompt
+from services.student_runtime.label_head import HEAD_FILE
 from services.student_runtime.prompt import shared_prefix_ids
 from services.trainer import data as D
 from services.trainer.base_model import ResolvedBase, load_model_and_tokenizer, prepare_base
@@ -238,11 +239,16 @@ def run_job(
     shared = shared_prefix_ids(tokenizer, system_prompt)
     tails, default_tail = D.label_tails(targets)
     hints: dict[str, Any] = {"label_tails": tails, "default_tail": default_tail, "max_prompt_tokens": limit}
+    labels = labels_of(train_examples)
+    label_index = {label: i for i, label in enumerate(labels)} if cfg.label_head and labels else None
     encoded = []
     skipped = 0
     for ex, target in zip(train_examples, targets, strict=True):
         text = render_prompt(tokenizer, ex.messages, system_prompt)
-        item = D.encode_example(tokenizer, text, target, eos_id, cfg.max_seq_len, prompt_limit=limit, prefix_ids=shared)
+        item = D.encode_example(
+            tokenizer, text, target, eos_id, cfg.max_seq_len, prompt_limit=limit, prefix_ids=shared,
+            label_index=label_index,
+        )  # fmt: skip
         if item is None:
             skipped += 1
         else:
@@ -264,9 +270,11 @@ def run_job(
         progress=progress,
         max_steps=options.max_steps,
         threads_setting=options.threads,
+        n_labels=len(label_index or ()),
     )
     del model
-    labels = labels_of(train_examples)
+    if (train.adapter_dir / HEAD_FILE).is_file():
+        hints["label_head"] = HEAD_FILE
     publish_dir, merged = train.adapter_dir, False
     if cfg.merge_adapter:
         publish_dir, merged = merge_adapter(base.path, train.adapter_dir, run_dir / "merged"), True

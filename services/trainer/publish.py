@@ -88,6 +88,7 @@ def student_spec_for(result: JobResult, max_batch_size: int = 16) -> StudentMode
         default_tail=str(result.decode_hints.get("default_tail") or ""),
         max_prompt_tokens=result.decode_hints.get("max_prompt_tokens"),
         weight_format=str(result.decode_hints.get("weight_format") or "fp32"),
+        label_head=result.decode_hints.get("label_head"),
         max_batch_size=max_batch_size,
         metadata=metadata,
     )

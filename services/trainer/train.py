@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from typing import Any
 
 from services.core.agents import Distillation
 from services.core.threads import AdaptiveThreads
+from services.student_runtime.label_head import HEAD_FILE, save_label_head
 from services.trainer.data import Encoded, batches, collate
 
 log = logging.getLogger("flywheel.trainer")
@@ -93,10 +95,14 @@ def train_lora(
     log_every_s: float = 10.0,
     max_steps: int | None = None,
     threads_setting: int | None = None,
+    n_labels: int = 0,
 ) -> TrainResult:
     """Fine-tune ``model`` (a plain causal LM; LoRA is added here) on ``encoded`` and save the adapter to
     ``out_dir``. Returns timings and losses; the PEFT model is left in eval mode on ``result``'s caller side
-    via the saved adapter (the serving code loads base + adapter, so the trainer never hands over the object)."""
+    via the saved adapter (the serving code loads base + adapter, so the trainer never hands over the object).
+
+    With ``cfg.label_head`` and ``n_labels`` a label head is trained beside the LoRA on the examples' ``head_pos``
+    / ``head_label`` and saved beside the adapter (``student_runtime.label_head``)."""
     import torch
 
     seed_everything(cfg.seed)
@@ -104,6 +110,17 @@ def train_lora(
     peft_model = add_lora(model, cfg)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
+    head, captured = None, {}
+    if cfg.label_head and n_labels:
+        # Zero rows: every label starts equally likely; the hidden state comes from the output layer's input
+        # (the final norm's output, what serving scores).
+        head = torch.nn.Linear(peft_model.get_output_embeddings().in_features, n_labels)
+        torch.nn.init.zeros_(head.weight)
+        torch.nn.init.zeros_(head.bias)
+        params += list(head.parameters())
+        peft_model.get_output_embeddings().register_forward_pre_hook(
+            lambda _module, args: captured.__setitem__("hidden", args[0])
+        )
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     steps = total_steps(len(encoded), cfg.batch_size, cfg.epochs)
     if max_steps is not None:
@@ -136,12 +153,19 @@ def train_lora(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, warmup, cfg.learning_rate)
             tensors = collate(batch, pad_id)
+            head_pos, head_label = tensors.pop("head_pos", None), tensors.pop("head_label", None)
             out = peft_model(**tensors)
-            out.loss.backward()
+            loss = out.loss
+            if head is not None and head_pos is not None:
+                rows = torch.arange(len(batch))
+                hidden = captured["hidden"][rows, head_pos.clamp(min=0)]
+                head_loss = torch.nn.functional.cross_entropy(head(hidden), head_label, ignore_index=-1)
+                loss = loss + cfg.label_head_weight * head_loss
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_value = float(out.loss.detach())
+            loss_value = float(loss.detach())
             epoch_losses.append(loss_value)
             step += 1
             seen += len(batch)
@@ -177,6 +201,8 @@ def train_lora(
     peft_model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
+    if head is not None:
+        save_label_head(out_dir / HEAD_FILE, head.weight, head.bias)
     return TrainResult(
         adapter_dir=out_dir,
         steps=step,
@@ -199,4 +225,6 @@ def merge_adapter(base_path: str, adapter_dir: Path, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if (adapter_dir / HEAD_FILE).is_file():  # the label head goes with the weights it reads
+        shutil.copy2(adapter_dir / HEAD_FILE, out_dir / HEAD_FILE)
     return out_dir

@@ -10,10 +10,12 @@ import uuid
 from pathlib import Path
 
 import pytest
+import torch
 
 from services.core.model_repository import ModelRepository, StudentModelSpec, infer_text, student_model_name
 from services.core.settings import Settings
 from services.export import ExportError, export_student
+from services.student_runtime.label_head import HEAD_FILE, save_label_head
 from services.trainer import data as D
 from tests.helpers.tiny_model import (
     TINY_LABELS,
@@ -33,6 +35,9 @@ UNSEEN = ["card arrive refund", "balance of 7 euros", "what?", "stolen top up", 
 def test_an_exported_student_answers_as_triton_does(triton, settings: Settings, tmp_path: Path) -> None:
     base = build_trained_tiny_student(tmp_path / "base")
     adapter = build_tiny_lora_adapter(base, tmp_path / "adapter")
+    # A label head beside the adapter (random rows: the export must carry it and answer with it).
+    torch.manual_seed(5)
+    save_label_head(adapter / HEAD_FILE, torch.randn(len(TINY_LABELS), 64), torch.randn(len(TINY_LABELS)))
     tails, default = D.label_tails([tiny_target(label, args) for _, label, args in TINY_TRAINING])
     spec = StudentModelSpec(
         base_model=str(base),
@@ -45,6 +50,7 @@ def test_an_exported_student_answers_as_triton_does(triton, settings: Settings, 
         label_tails=tails,
         default_tail=default,
         max_prompt_tokens=60,
+        label_head=HEAD_FILE,
     )
     repo = ModelRepository.from_settings(settings)
     published = repo.publish_student(AGENT, spec)
@@ -52,6 +58,7 @@ def test_an_exported_student_answers_as_triton_does(triton, settings: Settings, 
     version, out = export_student(settings, AGENT, None, tmp_path / "export")
     assert version == published.version
     assert {"answer.py", "README.md", "spec.json", "model", "flywheel_student"} <= {p.name for p in out.iterdir()}
+    assert (out / "model" / HEAD_FILE).is_file()
     texts = ([t for t, _, _ in TINY_TRAINING] + UNSEEN) * 2
     prompts = [json.dumps([{"role": "user", "content": t}]) for t in texts][:20]
     # The export runs on its own: a fresh interpreter in another directory, importing only the folder's code.

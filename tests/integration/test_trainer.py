@@ -18,6 +18,7 @@ from services.core.model_repository import ModelRepository, student_model_name
 from services.core.records import DatasetSnapshot, ModelEvent
 from services.core.settings import Settings
 from services.logger.rows import MODEL_EVENTS
+from services.student_runtime import StudentGenerator
 from services.trainer.data import read_snapshot
 from services.trainer.fixtures import build_snapshot
 from services.trainer.models import RollbackError, versions_from_events
@@ -36,8 +37,10 @@ def lax() -> Validation:
     return Validation.model_construct(**values)
 
 
-def agent(agent_id: str, base: Path, validation: Validation) -> AgentConfig:
-    dist = Distillation(base_model=str(base), epochs=1, batch_size=4, learning_rate=1e-2, max_seq_len=192)
+def agent(agent_id: str, base: Path, validation: Validation, **distillation) -> AgentConfig:
+    dist = Distillation(
+        base_model=str(base), epochs=1, batch_size=4, learning_rate=1e-2, max_seq_len=192, **distillation
+    )
     return AgentConfig(agent_id=agent_id, distillation=dist, validation=validation)
 
 
@@ -147,6 +150,28 @@ async def test_a_job_that_cannot_finish_emits_failed_with_its_error_and_the_trai
     # The agent left `training`: back to the grace period, with the failure on record.
     life = fold(agent_id, [record, failed])
     assert life.stage == "grace" and life.last_failure and "ds-missing" in life.last_failure
+
+
+def test_a_student_with_a_label_head_is_trained_published_and_served(
+    stack: Settings, tiny_base: Path, repo: ModelRepository
+) -> None:
+    agent_id = "trainer-head"
+    folder = snapshot_for(stack, agent_id)
+    snap = read_snapshot(folder)
+    emitted: list[ModelEvent] = []
+    cfg = agent(agent_id, tiny_base, lax(), label_head=True)
+    final = train_snapshot(stack, cfg, str(folder), emitted.append, OPTIONS, repo)
+    assert final.kind == "promoted", final
+    version = repo.model_dir(student_model_name(agent_id)) / str(final.model_version)
+    spec = json.loads((version / "spec.json").read_text())
+    # The head travels beside the adapter, its rows in the order of the spec's labels.
+    assert spec["label_head"] == "label_head.safetensors"
+    assert (version / "adapter" / "label_head.safetensors").is_file()
+    assert StudentGenerator(spec, version).label_head is not None
+    # Triton loaded it (a version whose head cannot load is not served) and answers.
+    prompt = json.dumps(snap.holdout[0].messages)
+    text, confidence = repo.probe(student_model_name(agent_id), final.model_version, prompt)
+    assert isinstance(text, str) and 0.0 <= confidence <= 1.0
 
 
 def test_a_failing_gate_rejects_with_reasons_and_publishes_nothing(

@@ -77,7 +77,8 @@ def test_a_distillation_profile_fills_only_the_keys_not_written() -> None:
     )
     small, big = agents.agent("small").distillation, agents.agent("big").distillation
     assert (small.learning_rate, small.epochs) == (1e-3, 2)  # the profile's rate, the agent's own epochs
-    assert small.target_modules[-3:] == ["gate_proj", "up_proj", "down_proj"]
+    assert small.target_modules[-3:] == ["gate_proj", "up_proj", "down_proj"] and small.label_head
+    assert not big.label_head
     assert (big.learning_rate, big.epochs, big.target_modules) == (2e-4, 3, ["q_proj", "k_proj", "v_proj", "o_proj"])
     with pytest.raises(AgentConfigError, match=r"agents\.x\.distillation\.profile"):
         parse_agents({"agents": {"x": {"distillation": {"profile": "huge"}}}})

@@ -214,3 +214,38 @@ def test_weight_formats_answer_and_an_unknown_one_fails_the_load(student: Studen
         assert_same(answers, light.answer(prompts, reference=True))
     with pytest.raises(WeightFormatError, match="unknown weight format 'int4'"):
         StudentGenerator({**student.spec, "weight_format": "int4"})
+
+
+def test_a_label_head_decides_the_label_in_one_step_and_both_decoders_follow_it(
+    student: StudentGenerator, tmp_path
+) -> None:
+    import torch
+
+    from services.student_runtime.label_head import HEAD_FILE, save_label_head
+
+    hidden = student.model.get_output_embeddings().weight.shape[1]
+    torch.manual_seed(3)
+    weight, bias = torch.randn(len(TINY_LABELS), hidden), torch.randn(len(TINY_LABELS))
+    save_label_head(tmp_path / HEAD_FILE, weight, bias)
+    headed = StudentGenerator({**student.spec, "label_head": str(tmp_path / HEAD_FILE)})
+    prompts = [chat(text) for text, _, _ in TINY_TRAINING] + [chat(text) for text in UNSEEN]
+    plain = [headed.answer([p], reference=True)[0] for p in prompts]
+    assert_same([headed.answer([p])[0] for p in prompts], plain)
+    assert_same(headed.answer(prompts), plain)
+    # The label is the head's argmax over its hidden state, and the answer's label confidence is its probability.
+    for prompt, answer in zip(prompts, plain, strict=True):
+        prep = headed.prepare(prompt)
+        seq = prep.ids + headed.labels.prefix_ids
+        with torch.inference_mode():
+            state = headed.fast.body(input_ids=torch.tensor([seq])).last_hidden_state[0, -1]
+        probs = torch.softmax(state @ weight.T + bias, dim=0)
+        label = TINY_LABELS[int(probs.argmax())]
+        if answer.text.startswith('{"intent": "'):
+            assert json.loads(answer.text)["intent"] == label
+            assert answer.confidence <= float(probs.max()) + 1e-4
+    # A head whose shape does not fit the version's labels fails the load, naming the file.
+    save_label_head(tmp_path / "wrong.safetensors", weight[:2], bias[:2])
+    with pytest.raises(ValueError, match=r"wrong\.safetensors has weight"):
+        StudentGenerator({**student.spec, "label_head": str(tmp_path / "wrong.safetensors")})
+    with pytest.raises(FileNotFoundError, match=r"label head .*missing\.safetensors does not exist"):
+        StudentGenerator({**student.spec, "label_head": str(tmp_path / "missing.safetensors")})

@@ -107,6 +107,25 @@ def test_encoding_cuts_long_prompts_from_the_left_and_skips_oversized_answers() 
     assert D.encode_example(tok, prompt, TEACHER * 10, tok.eos_token_id, max_len=64) is None
 
 
+def test_encoding_marks_where_the_label_head_reads_and_which_label_it_learns() -> None:
+    tok = build_tiny_tokenizer()
+    target = json.dumps({"intent": "card_arrival", "arguments": {}})
+    enc = D.encode_example(tok, "prompt", target, tok.eos_token_id, 64, label_index={"balance": 0, "card_arrival": 1})
+    assert enc is not None and enc.head_label == 1
+    # The head reads the prefix's last token: the position whose output would otherwise pick the label's first token.
+    prefix = tok.encode(D.LABEL_PREFIX, add_special_tokens=False)
+    assert enc.input_ids[enc.head_pos - len(prefix) + 1 : enc.head_pos + 1] == prefix
+    assert enc.labels[enc.head_pos] == D.IGNORE or enc.labels[enc.head_pos] == prefix[-1]
+    assert enc.labels[enc.head_pos + 1] == enc.input_ids[enc.head_pos + 1]  # the label's first token is learnt
+    # An unknown label, or no label index: no head example (the batch then carries no head tensors).
+    unknown = D.encode_example(tok, "prompt", target, tok.eos_token_id, 64, label_index={"balance": 0})
+    plain = D.encode_example(tok, "prompt", target, tok.eos_token_id, 64)
+    assert unknown is not None and plain is not None and unknown.head_label == plain.head_label == -1
+    assert "head_label" not in D.collate([plain], 0)
+    tensors = D.collate([enc, plain], 0)
+    assert tensors["head_label"].tolist() == [1, -1] and tensors["head_pos"][0] == enc.head_pos
+
+
 def test_batches_are_deterministic_and_collate_pads_labels() -> None:
     items = [D.Encoded(list(range(n)), [D.IGNORE] * (n - 1) + [7]) for n in range(1, 30)]
     one = D.batches(items, 4, seed=3)
