@@ -91,6 +91,8 @@ class StudentModelSpec:
     # The usual text after each label (and overall), verified as a draft instead of generated token by token.
     label_tails: Mapping[str, str] = field(default_factory=dict)
     default_tail: str = ""
+    # The most common texts after the label in training: drafts for answers that leave their label's usual tail.
+    tail_corpus: tuple[str, ...] = ()
     max_prompt_tokens: int | None = None  # training's prompt limit: longer prompts are cut as in training
     dtype: str = "float32"  # the weights as loaded; ``weight_format`` converts the linear layers after
     weight_format: str = "fp32"  # fp32 / bf16 / int8 (services/student_runtime/weights.py), chosen by the trainer
@@ -111,6 +113,7 @@ class StudentModelSpec:
         if self.max_new_tokens < 1 or self.max_batch_size < 1 or self.instance_count < 1:
             raise ValueError("max_new_tokens, max_batch_size and instance_count must be >= 1")
         object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "tail_corpus", tuple(self.tail_corpus))
 
     def config_values(self) -> dict[str, int]:
         return {
@@ -125,6 +128,7 @@ class StudentModelSpec:
         data["metadata"] = dict(self.metadata)
         data["answer_template"] = dict(self.answer_template)
         data["label_tails"] = dict(self.label_tails)
+        data["tail_corpus"] = list(self.tail_corpus)
         base = Path(self.base_model).expanduser()
         # A local base model is recorded absolute: the Triton stub runs in another working directory.
         data["base_model"] = str(base.absolute()) if base.exists() else self.base_model

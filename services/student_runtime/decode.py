@@ -11,7 +11,9 @@ What it does differently from ``reference.reference_decode`` (and why the answer
   at each draft position is computed from that one pass, and the draft is accepted up to the first position
   where the model would have chosen otherwise. From there the model's own token is taken and decoding goes on,
   so the answer is the plain greedy one whatever the draft said. Rejected draft positions are masked out of the
-  keys/values (explicit positions keep every row's positions contiguous).
+  keys/values (explicit positions keep every row's positions contiguous). An answer that leaves its label's
+  usual tail (it has arguments) gets drafts from the **tail corpus**, the common tails of training: what followed
+  its last 1-3 tokens there (the arguments' keys, quotes and braces, common values).
 * **A label head** (``label_head.py``), where the version has one, picks the whole label at the step where it
   starts; its tokens are then forced. The plain decode does the same.
 * **Only allowed tokens are scored** at a constrained step: hidden state x those rows of the output layer,
@@ -36,6 +38,8 @@ from services.student_runtime.weights import BF16Matmul
 # (row in batch, column) -> (token, probability) of the full-vocabulary decisions of one pass
 Decisions = dict[tuple[int, int], tuple[int, float]]
 
+LOOKUP_KEYS = (3, 2, 1)  # lengths of the answer's last tokens looked up in the tail corpus, longest first
+LOOKUP_DRAFT = 6  # tokens drafted from the tail corpus: a rejected draft costs its positions' vocabulary scores
 SCREEN_TOP = 8  # words scored again in fp32 per screened row
 SCREEN_MARGIN = 2.0  # logits; bfloat16's error on a logit is a few hundredths
 SCREEN_TAIL = 1e-3  # largest probability mass left to the screened scores: x their error (< 8 %) < 1e-4
@@ -109,6 +113,7 @@ class FastDecoder:
         self.prefix: PrefixCache | None = None
         self.tails: dict[tuple[int, ...], list[int]] = {}
         self.default_tail: list[int] = []
+        self.lookup: dict[int, dict[tuple[int, ...], tuple[int, ...]]] = {n: {} for n in LOOKUP_KEYS}
         self.label_head: LabelHead | None = student.label_head
         # Rows packed without padding where the model family allows (``packed.py``), else the HF forward.
         self.packed = PackedForward(self.body) if supports(self.body) else None
@@ -145,6 +150,17 @@ class FastDecoder:
     def set_tails(self, tails: dict[tuple[int, ...], list[int]], default: list[int]) -> None:
         """Drafts of what follows each label (label token ids -> tail ids ending in EOS)."""
         self.tails, self.default_tail = dict(tails), list(default)
+
+    def set_corpus(self, corpus: list[list[int]]) -> None:
+        """Index the tail corpus (token ids of the common tails, most common first): for each run of the last
+        1-3 tokens, the tokens that followed it first."""
+        self.lookup = {n: {} for n in LOOKUP_KEYS}
+        for seq in corpus:
+            for i in range(1, len(seq)):
+                follow = tuple(seq[i : i + LOOKUP_DRAFT])
+                for n in LOOKUP_KEYS:
+                    if i >= n:
+                        self.lookup[n].setdefault(tuple(seq[i - n : i]), follow)
 
     # Logits -------------------------------------------------------------------------------------------------
     def _scores(self, hidden: Any, rows: Any | None = None) -> Any:
@@ -214,7 +230,19 @@ class FastDecoder:
                 after = tokens[cursor.end :]
                 if len(after) < len(tail) and tail[: len(after)] == after:
                     draft = tail[len(after) :]
+                else:  # the answer left its label's usual tail (it has arguments): what followed these tokens
+                    draft = self._lookup(after)
         return draft[: max(0, row.limit - len(tokens) - 1)]
+
+    def _lookup(self, after: list[int]) -> list[int]:
+        """A draft from the tail corpus: what followed the answer's last tokens (the longest match) in the most
+        common training tail holding them."""
+        for n in LOOKUP_KEYS:
+            if len(after) >= n:
+                found = self.lookup[n].get(tuple(after[-n:]))
+                if found:
+                    return list(found)
+        return []
 
     @staticmethod
     def _free_positions(row: Row, draft: list[int]) -> list[int]:

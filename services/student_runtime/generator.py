@@ -151,6 +151,8 @@ class StudentGenerator:
             }
             default = str(spec.get("default_tail") or "")
             self.fast.set_tails(encoded, list(self.tokenizer.encode(default, add_special_tokens=False)))
+            corpus = [str(t) for t in spec.get("tail_corpus") or []]
+            self.fast.set_corpus([list(self.tokenizer.encode(t, add_special_tokens=False)) for t in corpus])
 
     def _load_label_head(self, spec: dict[str, Any], base_dir: Path | None, model: Any) -> LabelHead | None:
         """The version's label head, from beside the adapter (or the merged model); None without one."""

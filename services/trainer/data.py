@@ -343,6 +343,19 @@ def label_tails(targets: Iterable[str], prefix: str = LABEL_PREFIX, suffix: str 
     return tails, (overall.most_common(1)[0][0] if overall else "")
 
 
+def tail_corpus(targets: Iterable[str], limit: int = 64, prefix: str = LABEL_PREFIX, suffix: str = LABEL_SUFFIX
+                ) -> list[str]:  # fmt: skip
+    """The most common texts after the label in these answers, most common first: where an answer leaves its
+    label's usual tail (it has arguments), the fast decoder drafts what follows its last tokens in them (the
+    arguments' keys and punctuation, common values) and verifies the draft in one pass."""
+    counts: Counter[str] = Counter()
+    for target in targets:
+        pieces = target_segments(target, prefix, suffix)
+        if len(pieces) > 2 and pieces[0] == prefix:
+            counts[pieces[2]] += 1
+    return [tail for tail, _ in counts.most_common(limit)]
+
+
 def batches(items: Sequence[Encoded], batch_size: int, seed: int, bucket: int = 16) -> list[list[Encoded]]:
     """One epoch's batches: shuffled with ``seed``, then within windows of ``bucket`` batches sorted by length
     so a batch pads little (padding is wasted compute on CPU), then the batches shuffled again."""

@@ -238,7 +238,12 @@ def run_job(
     limit = D.prompt_limit(cfg.max_seq_len, [len(D.answer_token_ids(tokenizer, t, eos_id)) for t in targets])
     shared = shared_prefix_ids(tokenizer, system_prompt)
     tails, default_tail = D.label_tails(targets)
-    hints: dict[str, Any] = {"label_tails": tails, "default_tail": default_tail, "max_prompt_tokens": limit}
+    hints: dict[str, Any] = {
+        "label_tails": tails,
+        "default_tail": default_tail,
+        "tail_corpus": D.tail_corpus(targets),
+        "max_prompt_tokens": limit,
+    }
     labels = labels_of(train_examples)
     label_index = {label: i for i, label in enumerate(labels)} if cfg.label_head and labels else None
     encoded = []

@@ -86,6 +86,7 @@ def student_spec_for(result: JobResult, max_batch_size: int = 16) -> StudentMode
         answer_template=result.answer_template,
         label_tails=result.decode_hints.get("label_tails") or {},
         default_tail=str(result.decode_hints.get("default_tail") or ""),
+        tail_corpus=tuple(result.decode_hints.get("tail_corpus") or ()),
         max_prompt_tokens=result.decode_hints.get("max_prompt_tokens"),
         weight_format=str(result.decode_hints.get("weight_format") or "fp32"),
         label_head=result.decode_hints.get("label_head"),

@@ -26,7 +26,8 @@ UNSEEN = ["card arrive refund", "balance of 7 euros", "what?", "stolen top up", 
 @pytest.fixture(scope="module")
 def student(tmp_path_factory: pytest.TempPathFactory) -> StudentGenerator:
     base = build_trained_tiny_student(tmp_path_factory.mktemp("tiny-student"))
-    tails, default = D.label_tails([tiny_target(label, args) for _, label, args in TINY_TRAINING])
+    targets = [tiny_target(label, args) for _, label, args in TINY_TRAINING]
+    tails, default = D.label_tails(targets)
     spec = {
         "base_model": str(base),
         "max_new_tokens": 40,
@@ -36,6 +37,7 @@ def student(tmp_path_factory: pytest.TempPathFactory) -> StudentGenerator:
         "system_prompt": TINY_SYSTEM,
         "label_tails": tails,
         "default_tail": default,
+        "tail_corpus": D.tail_corpus(targets),
         "max_prompt_tokens": 60,
     }
     return StudentGenerator(spec)
@@ -249,3 +251,13 @@ def test_a_label_head_decides_the_label_in_one_step_and_both_decoders_follow_it(
         StudentGenerator({**student.spec, "label_head": str(tmp_path / "wrong.safetensors")})
     with pytest.raises(FileNotFoundError, match=r"label head .*missing\.safetensors does not exist"):
         StudentGenerator({**student.spec, "label_head": str(tmp_path / "missing.safetensors")})
+
+
+def test_answers_with_arguments_take_drafts_from_the_tail_corpus(student: StudentGenerator) -> None:
+    prompts = [chat(text) for text, _, args in TINY_TRAINING if args] + [chat("refund 30 pounds now please")]
+    with_corpus = student.answer(prompts)
+    assert_same(with_corpus, [student.answer([p], reference=True)[0] for p in prompts])
+    without = StudentGenerator({**student.spec, "tail_corpus": []}).answer(prompts)
+    assert [a.token_ids for a in without] == [a.token_ids for a in with_corpus]
+    # The arguments' keys and punctuation come as verified drafts: fewer passes for the same answers.
+    assert sum(a.forward_passes for a in with_corpus) < sum(a.forward_passes for a in without)

@@ -81,4 +81,7 @@ def test_label_tails_are_the_usual_text_after_each_label() -> None:
     tails, default = D.label_tails(targets)
     assert tails == {"a": ', "arguments": {}}', "b": ', "arguments": {"x": "2"}}'}
     assert default == ', "arguments": {}}'
+    # The tail corpus: every distinct tail, most common first (drafts for answers with arguments).
+    assert D.tail_corpus(targets) == [', "arguments": {}}', ', "arguments": {"x": "1"}}', ', "arguments": {"x": "2"}}']
+    assert D.tail_corpus(targets, limit=1) == [', "arguments": {}}']
     assert D.prompt_limit(256, [12, 30]) == 226 and D.prompt_limit(256, [200]) == 128
