@@ -167,7 +167,7 @@ class StudentGenerator:
             if folder is None:
                 raise FileNotFoundError(f"label head {name}: no adapter or local model folder to find it in")
             path = folder / path
-        sequences = [self.labels.sequences[label] for label in self.labels.sequences]
+        sequences = list(self.labels.sequences.values())  # in the order of the spec's labels, as trained
         return LabelHead(path, sequences, int(model.get_output_embeddings().weight.shape[1]))
 
     # Prompts ------------------------------------------------------------------------------------------------
