@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from services.core.model_repository import SPEC_FILE, ModelRepository, student_model_name
 from services.core.settings import REPO_ROOT
+from services.student_runtime.label_head import head_path
 
 if TYPE_CHECKING:
     from services.core.settings import Settings
@@ -85,7 +86,8 @@ def export_student(settings: Settings, agent_id: str, version: int | None, out: 
     out.mkdir(parents=True, exist_ok=True)
     spec = json.loads((source / SPEC_FILE).read_text())
     _merge_weights(spec, source, out / "model")
-    spec = {**spec, "base_model": "model", "adapter_path": None, "gguf_file": None}
+    head = Path(spec["label_head"]).name if spec.get("label_head") else None  # copied into model/
+    spec = {**spec, "base_model": "model", "adapter_path": None, "gguf_file": None, "label_head": head}
     (out / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     _copy_runtime(out / PACKAGE)
     (out / "answer.py").write_text(ANSWER_SCRIPT)
@@ -99,7 +101,7 @@ def _merge_weights(spec: dict, source: Path, dest: Path) -> None:
 
     model, tokenizer = load_model_and_tokenizer(str(spec["base_model"]), spec.get("gguf_file"))
     adapter = spec.get("adapter_path")
-    weights_dir = Path(str(spec["base_model"]))
+    adapter_dir = None
     if adapter:
         from peft import PeftModel
 
@@ -107,16 +109,14 @@ def _merge_weights(spec: dict, source: Path, dest: Path) -> None:
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ExportError(f"the version's adapter {adapter_dir} has no adapter_config.json")
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
-        weights_dir = adapter_dir
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     head = spec.get("label_head")
     if head:  # beside the weights it reads, where the runtime looks for it
-        found = Path(head) if Path(head).is_absolute() else weights_dir / head
+        found = head_path(head, adapter_dir, Path(str(spec["base_model"])))
         if not found.is_file():
             raise ExportError(f"the version's label head {found} does not exist")
-        shutil.copy2(found, dest / Path(head).name)
-        spec["label_head"] = Path(head).name
+        shutil.copy2(found, dest / found.name)
 
 
 def _copy_runtime(dest: Path) -> None:

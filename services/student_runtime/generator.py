@@ -23,7 +23,7 @@ from typing import Any
 from services.core.threads import AdaptiveThreads, parse_threads
 from services.student_runtime.answer import expand_answer
 from services.student_runtime.decode import FastDecoder, NoLabels, Row
-from services.student_runtime.label_head import LabelHead
+from services.student_runtime.label_head import LabelHead, head_path
 from services.student_runtime.labels import LabelTrie
 from services.student_runtime.prompt import PromptError, fit_prompt, parse_prompt, render_prompt, shared_prefix_ids
 from services.student_runtime.reference import reference_decode
@@ -161,12 +161,7 @@ class StudentGenerator:
             return None
         if not self.labels:
             raise ValueError(f"spec names a label head ({name}) but no labels")
-        path = Path(str(name))
-        if not path.is_absolute():
-            folder = self.adapter_dir or base_dir
-            if folder is None:
-                raise FileNotFoundError(f"label head {name}: no adapter or local model folder to find it in")
-            path = folder / path
+        path = head_path(str(name), self.adapter_dir, base_dir)
         sequences = list(self.labels.sequences.values())  # in the order of the spec's labels, as trained
         return LabelHead(path, sequences, int(model.get_output_embeddings().weight.shape[1]))
 

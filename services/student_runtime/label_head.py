@@ -15,6 +15,18 @@ from typing import Any
 HEAD_FILE = "label_head.safetensors"
 
 
+def head_path(name: str, adapter_dir: Path | None, base_dir: Path | None) -> Path:
+    """Where a spec's ``label_head`` is: as written if absolute, else beside the adapter, else in the (merged)
+    model's folder."""
+    path = Path(name)
+    if path.is_absolute():
+        return path
+    folder = adapter_dir or base_dir
+    if folder is None:
+        raise FileNotFoundError(f"label head {name}: no adapter or local model folder to find it in")
+    return folder / path
+
+
 def save_label_head(path: Path, weight: Any, bias: Any) -> None:
     from safetensors.torch import save_file
 

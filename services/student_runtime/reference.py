@@ -37,7 +37,7 @@ class LabelConstraint:
         if END in node:
             state["end"] = len(generated)
             return None
-        if state.get("chosen") is not None:  # a label head chose the whole label
+        if state["chosen"] is not None:  # a label head chose the whole label
             return [state["chosen"][len(generated) - state["start"]]]
         children = [t for t in node if t != END]
         return children or None

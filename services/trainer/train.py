@@ -118,7 +118,7 @@ def train_lora(
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
         params += list(head.parameters())
-        peft_model.get_output_embeddings().register_forward_pre_hook(
+        hook = peft_model.get_output_embeddings().register_forward_pre_hook(
             lambda _module, args: captured.__setitem__("hidden", args[0])
         )
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
@@ -202,6 +202,7 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
     if head is not None:
+        hook.remove()
         save_label_head(out_dir / HEAD_FILE, head.weight, head.bias)
     return TrainResult(
         adapter_dir=out_dir,
