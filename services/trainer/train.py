@@ -24,7 +24,7 @@ from typing import Any
 from services.core.agents import Distillation
 from services.core.threads import AdaptiveThreads
 from services.student_runtime.label_head import HEAD_FILE, save_label_head
-from services.trainer.data import Encoded, batches, collate
+from services.trainer.data import IGNORE, Encoded, batches, collate
 
 log = logging.getLogger("flywheel.trainer")
 
@@ -85,6 +85,78 @@ def add_lora(model: Any, cfg: Distillation) -> Any:
     return get_peft_model(model, config)
 
 
+def shared_prefix_length(tensors: dict[str, Any]) -> int:
+    """Leading positions every row of the batch has in common (the system prompt and the chat template's start)
+    and on which nothing is learned: no answer token is predicted from them and no label head reads them."""
+    import torch
+
+    ids, mask, labels = tensors["input_ids"], tensors["attention_mask"], tensors["labels"]
+    if ids.shape[0] < 2:
+        return 0
+    same = (ids == ids[:1]).all(dim=0) & mask.bool().all(dim=0)
+    differ = torch.nonzero(~same)
+    length = int(differ[0]) if len(differ) else ids.shape[1]
+    predicting = torch.nonzero((labels[:, 1:] != IGNORE).any(dim=0))  # position t predicts token t + 1
+    if len(predicting):
+        length = min(length, int(predicting[0]))
+    if "head_pos" in tensors:
+        length = min(length, int(tensors["head_pos"].clamp(min=0).min()))
+    return min(length, ids.shape[1] - 1)
+
+
+def batch_loss(
+    model: Any,
+    tensors: dict[str, Any],
+    head: Any | None = None,
+    head_weight: float = 1.0,
+    share_prefix: bool = True,
+) -> Any:
+    """The mean cross-entropy of the answer tokens of a collated batch (as ``model(**tensors).loss``), plus
+    ``head_weight`` × the label head's cross-entropy at ``head_pos`` when ``head`` is given.
+
+    Two savings, same sums: the output layer (49k rows for SmolLM2) is applied only at the positions that
+    predict an answer token, not at every prompt position whose loss is ignored anyway; and with
+    ``share_prefix`` the batch's common leading tokens (the system prompt: about a third of a demo row) go
+    through the transformer once, their keys/values shared by every row (gradients flow through both)."""
+    import torch
+    from transformers import DynamicCache
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, base.base_model_prefix)  # the transformer without its output layer
+    ids, mask, labels = tensors["input_ids"], tensors["attention_mask"], tensors["labels"]
+    rows, width = ids.shape
+    start = shared_prefix_length(tensors) if share_prefix else 0
+    if start:
+        cache = DynamicCache()
+        body(input_ids=ids[:1, :start], position_ids=torch.arange(start)[None], past_key_values=cache, use_cache=True)
+        for layer in cache.layers:  # one row's keys/values seen by every row: views, no copies
+            layer.keys = layer.keys.expand(rows, -1, -1, -1)
+            layer.values = layer.values.expand(rows, -1, -1, -1)
+        hidden = body(
+            input_ids=ids[:, start:],
+            attention_mask=mask,
+            position_ids=torch.arange(start, width)[None].expand(rows, -1),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state
+    else:
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+    # hidden[:, i] is position start + i; position t predicts labels[:, t + 1].
+    targets = labels[:, start + 1 :]
+    keep = targets != IGNORE
+    logits = base.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    loss = torch.nn.functional.cross_entropy(logits, targets[keep])
+    if head is not None and "head_pos" in tensors:
+        picked = hidden[torch.arange(rows), (tensors["head_pos"] - start).clamp(min=0)]
+        loss = loss + head_weight * torch.nn.functional.cross_entropy(
+            head(picked), tensors["head_label"], ignore_index=-1
+        )
+    return loss
+
+
 def train_lora(
     model: Any,
     encoded: Sequence[Encoded],
@@ -110,17 +182,14 @@ def train_lora(
     peft_model = add_lora(model, cfg)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    head, captured = None, {}
+    head = None
     if cfg.label_head and n_labels:
-        # Zero rows: every label starts equally likely; the hidden state comes from the output layer's input
-        # (the final norm's output, what serving scores).
+        # Zero rows: every label starts equally likely; it reads the transformer's last hidden state (the final
+        # norm's output, what serving scores).
         head = torch.nn.Linear(peft_model.get_output_embeddings().in_features, n_labels)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
         params += list(head.parameters())
-        hook = peft_model.get_output_embeddings().register_forward_pre_hook(
-            lambda _module, args: captured.__setitem__("hidden", args[0])
-        )
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     steps = total_steps(len(encoded), cfg.batch_size, cfg.epochs)
     if max_steps is not None:
@@ -153,14 +222,7 @@ def train_lora(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, warmup, cfg.learning_rate)
             tensors = collate(batch, pad_id)
-            head_pos, head_label = tensors.pop("head_pos", None), tensors.pop("head_label", None)
-            out = peft_model(**tensors)
-            loss = out.loss
-            if head is not None and head_pos is not None:
-                rows = torch.arange(len(batch))
-                hidden = captured["hidden"][rows, head_pos.clamp(min=0)]
-                head_loss = torch.nn.functional.cross_entropy(head(hidden), head_label, ignore_index=-1)
-                loss = loss + cfg.label_head_weight * head_loss
+            loss = batch_loss(peft_model, tensors, head, cfg.label_head_weight)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -202,7 +264,6 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
     if head is not None:
-        hook.remove()
         save_label_head(out_dir / HEAD_FILE, head.weight, head.bias)
     return TrainResult(
         adapter_dir=out_dir,

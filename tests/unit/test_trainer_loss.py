@@ -1,0 +1,92 @@
+"""The training step's loss (``train.batch_loss``) is the plain Hugging Face loss, with its savings.
+
+On the tiny model with LoRA: the answer-only output layer and the shared system-prompt pass give the same loss
+and the same gradients as ``model(**batch).loss`` (and as each other), with and without a label head.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from services.core.agents import Distillation
+from services.trainer import data as D
+from services.trainer.train import add_lora, batch_loss, shared_prefix_length
+from tests.helpers.tiny_model import TINY_LABELS, TINY_SYSTEM, TINY_TRAINING, build_tiny_model, tiny_target
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.student_runtime.prompt import render_prompt
+
+    base = build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=64)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = add_lora(
+        AutoModelForCausalLM.from_pretrained(base),
+        Distillation(lora_r=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "up_proj"]),
+    )
+    with torch.no_grad():  # B starts at zero: make the adapter matter so its gradients are compared too
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    index = {label: i for i, label in enumerate(TINY_LABELS)}
+    encoded = [
+        D.encode_example(
+            tokenizer,
+            render_prompt(tokenizer, [{"role": "user", "content": text}], TINY_SYSTEM),
+            tiny_target(label, args),
+            tokenizer.eos_token_id,
+            256,
+            label_index=index,
+        )
+        for text, label, args in TINY_TRAINING
+    ]
+    return model, tokenizer, [e for e in encoded if e is not None]
+
+
+def grads_of(model, head, loss) -> list:
+    params = [p for p in model.parameters() if p.requires_grad] + (list(head.parameters()) if head else [])
+    for p in params:
+        p.grad = None
+    loss.backward()
+    return [p.grad.clone() for p in params]
+
+
+def test_the_shared_prefix_is_the_system_prompt_and_stops_before_anything_learned(tiny) -> None:
+    _model, tokenizer, encoded = tiny
+    batch = D.collate(encoded[:4], tokenizer.pad_token_id)
+    start = shared_prefix_length(batch)
+    assert start > 0
+    prompt = tokenizer.decode(batch["input_ids"][0, :start])
+    assert TINY_SYSTEM in prompt
+    assert (batch["labels"][:, : start + 1] == D.IGNORE).all()  # nothing predicted from the shared part
+    assert int(batch["head_pos"].min()) >= start
+    assert shared_prefix_length(D.collate(encoded[:1], tokenizer.pad_token_id)) == 0  # one row: nothing to share
+
+
+@pytest.mark.parametrize("with_head", [False, True])
+def test_the_loss_and_gradients_are_the_plain_forwards(tiny, with_head: bool) -> None:
+    import torch
+
+    model, tokenizer, encoded = tiny
+    model.train()
+    batch = D.collate(encoded, tokenizer.pad_token_id)
+    head = None
+    if with_head:
+        torch.manual_seed(1)
+        head = torch.nn.Linear(64, len(TINY_LABELS))
+    plain_inputs = {k: v for k, v in batch.items() if k not in ("head_pos", "head_label")}
+    plain = model(**plain_inputs, output_hidden_states=True)
+    expected = plain.loss
+    if head is not None:
+        hidden = plain.hidden_states[-1][torch.arange(len(encoded)), batch["head_pos"]]
+        expected = expected + 0.5 * torch.nn.functional.cross_entropy(head(hidden), batch["head_label"])
+    expected_grads = grads_of(model, head, expected)
+    for share in (False, True):
+        loss = batch_loss(model, batch, head, 0.5, share_prefix=share)
+        assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
+        for got, want in zip(grads_of(model, head, loss), expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
