@@ -163,6 +163,12 @@ class Distillation(_Strict):
     # valid labels, trained with the LoRA (cross-entropy beside the answer's loss), instead of a label written
     # token by token; the model still writes what follows the label (the arguments).
     label_head: bool = False
+    warm_start: bool = Field(
+        False,
+        description="A retrain continues from the agent's served version (its LoRA and label head) when that was "
+        "trained on the same base with the same LoRA rank, alpha and targets",
+    )
+    warm_start_epochs: float = Field(1.0, gt=0, description="Epochs of a warm-started retrain")
     label_head_weight: float = Field(1.0, gt=0, description="Weight of the label head's loss beside the answer's")
 
     @model_validator(mode="before")

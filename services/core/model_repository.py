@@ -238,6 +238,11 @@ class ModelRepository:
             return []
         return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
+    def newest_version_dir(self, model: str) -> Path | None:
+        """The newest version folder (what Triton serves: ``version_policy: latest``), None when there is none."""
+        versions = self.versions(model)
+        return self.model_dir(model) / str(versions[-1]) if versions else None
+
     def quarantined(self, model: str) -> list[Path]:
         directory = self.quarantine_root / model
         return sorted(directory.iterdir()) if directory.is_dir() else []

@@ -27,6 +27,7 @@ from services.trainer.calibrate import Calibration, calibrate_threshold, routing
 from services.trainer.evaluate import HoldoutReport, answer_intent, evaluate_holdout, percentile
 from services.trainer.gate import FormatTrial, GateInputs, choose_format, decide
 from services.trainer.train import TrainResult, merge_adapter, train_lora
+from services.trainer.warm_start import find_warm_start, initial_head
 
 log = logging.getLogger("flywheel.trainer")
 
@@ -39,6 +40,8 @@ class JobOptions:
     max_steps: int | None = None  # cap on optimizer steps (tests)
     min_calibration_support: int = 5  # answers a calibrated threshold must keep at least
     threads: int | None = None  # training threads; None: adaptive (the trainer_threads setting)
+    # The agent's served version folder (spec.json, adapter/): a warm-started retrain continues from it.
+    served_version: Path | None = None
 
 
 @dataclass
@@ -64,6 +67,7 @@ class JobResult:
     decode_hints: dict[str, Any] = field(default_factory=dict)
     # The routing threshold the promotion carries (calibrate.routing_calibration); None: the gate's.
     routing_calibration: Calibration | None = None
+    warm_start: str | None = None  # the served version this training continued from (None: from the base)
 
     @property
     def routing(self) -> Calibration:
@@ -104,6 +108,7 @@ class JobResult:
             "metrics": self.metrics(),
             "confidence_threshold": self.routing.threshold,
             "weight_format": self.decode_hints.get("weight_format", "fp32"),
+            "warm_start": self.warm_start,
             "gate": self.verdict.model_dump(),
             "labels": self.labels,
             "answers": [
@@ -266,16 +271,24 @@ def run_job(
     # Room for the longest trained answer plus a margin: a tight limit bounds a runaway answer's latency.
     max_new_tokens = min(256, answer_lengths[-1] + 16)
 
+    warm = find_warm_start(options.served_version, base.path, cfg) if cfg.warm_start else None
+    init_head = None
+    if warm is not None:
+        log.info("warm start from %s: %g epochs instead of %g", warm.version_dir, cfg.warm_start_epochs, cfg.epochs)
+        if label_index:
+            init_head = initial_head(warm, labels, model.get_output_embeddings().in_features)
     train = train_lora(
         model,
         encoded,
-        cfg,
+        cfg.model_copy(update={"epochs": cfg.warm_start_epochs}) if warm else cfg,
         pad_id,
         run_dir / "adapter",
         progress=progress,
         max_steps=options.max_steps,
         threads_setting=options.threads,
         n_labels=len(label_index or ()),
+        init_adapter=warm.adapter_dir if warm else None,
+        init_head=init_head,
     )
     del model
     if (train.adapter_dir / HEAD_FILE).is_file():
@@ -331,6 +344,7 @@ def run_job(
         holdout_prompts=prompts,
         decode_hints=hints,
         routing_calibration=routing,
+        warm_start=str(warm.version_dir) if warm else None,
     )
     if routing.target != agent.validation.served_agreement:
         log.warning(

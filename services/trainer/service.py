@@ -27,7 +27,7 @@ from services.core.agents import AgentConfig, AgentsFile, UnknownAgentError, loa
 from services.core.codec import AvroCodec, DecodeError
 from services.core.health import clear_ready, mark_ready
 from services.core.kafka import Publisher, TopicReader, create_follower, create_producer
-from services.core.model_repository import ModelRepository
+from services.core.model_repository import ModelRepository, student_model_name
 from services.core.records import DatasetSnapshot, ModelEvent
 from services.core.settings import Settings
 from services.trainer.data import read_snapshot
@@ -64,8 +64,11 @@ def train_snapshot(
     options = options or JobOptions()
     if options.threads is None:
         options = replace(options, threads=settings.thread_count("trainer_threads"))
+    repo = repo or ModelRepository.from_settings(settings)
+    if agent.distillation.warm_start and options.served_version is None:
+        options = replace(options, served_version=repo.newest_version_dir(student_model_name(agent.agent_id)))
     result = run_job(agent, snapshot, settings.path("artifacts"), options, progress=progress)
-    return finish(result, repo or ModelRepository.from_settings(settings), emit)
+    return finish(result, repo, emit)
 
 
 def progress_path(settings: Settings) -> Path:

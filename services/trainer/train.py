@@ -168,18 +168,28 @@ def train_lora(
     max_steps: int | None = None,
     threads_setting: int | None = None,
     n_labels: int = 0,
+    init_adapter: Path | None = None,
+    init_head: tuple[Any, Any] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (a plain causal LM; LoRA is added here) on ``encoded`` and save the adapter to
     ``out_dir``. Returns timings and losses; the PEFT model is left in eval mode on ``result``'s caller side
     via the saved adapter (the serving code loads base + adapter, so the trainer never hands over the object).
 
     With ``cfg.label_head`` and ``n_labels`` a label head is trained beside the LoRA on the examples' ``head_pos``
-    / ``head_label`` and saved beside the adapter (``student_runtime.label_head``)."""
+    / ``head_label`` and saved beside the adapter (``student_runtime.label_head``).
+
+    ``init_adapter`` (a saved LoRA adapter) and ``init_head`` (weight, bias) continue a previous training instead
+    of starting from a fresh LoRA and a zero head (``warm_start``)."""
     import torch
 
     seed_everything(cfg.seed)
     threads = AdaptiveThreads(fixed=threads_setting)
-    peft_model = add_lora(model, cfg)
+    if init_adapter is not None:
+        from peft import PeftModel
+
+        peft_model = PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
+    else:
+        peft_model = add_lora(model, cfg)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     head = None
@@ -189,6 +199,10 @@ def train_lora(
         head = torch.nn.Linear(peft_model.get_output_embeddings().in_features, n_labels)
         torch.nn.init.zeros_(head.weight)
         torch.nn.init.zeros_(head.bias)
+        if init_head is not None:
+            with torch.no_grad():
+                head.weight.copy_(init_head[0])
+                head.bias.copy_(init_head[1])
         params += list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     steps = total_steps(len(encoded), cfg.batch_size, cfg.epochs)

@@ -229,3 +229,20 @@ async def test_models_lists_versions_and_rollback_serves_an_earlier_one(
 
 def event_dict(event: ModelEvent) -> dict:
     return dict(zip(MODEL_EVENTS.columns, MODEL_EVENTS.row(event), strict=True))
+
+
+def test_a_warm_started_retrain_continues_from_the_served_version(
+    stack: Settings, tiny_base: Path, repo: ModelRepository
+) -> None:
+    agent_id = "trainer-warm"
+    cfg = agent(agent_id, tiny_base, lax(), label_head=True, warm_start=True, warm_start_epochs=0.5)
+    first = train_snapshot(stack, cfg, str(snapshot_for(stack, agent_id, 1)), lambda _e: None, OPTIONS, repo)
+    served = repo.model_dir(student_model_name(agent_id)) / str(first.model_version)
+    second = train_snapshot(stack, cfg, str(snapshot_for(stack, agent_id, 2)), lambda _e: None, OPTIONS, repo)
+    assert (first.kind, second.kind) == ("promoted", "promoted")
+    runs = (stack.path("artifacts") / "runs" / agent_id).glob("*/report.json")
+    reports = sorted(runs, key=lambda r: r.parent.name.rsplit("-", 1)[-1])  # by the run's time stamp
+    assert [json.loads(r.read_text())["warm_start"] for r in reports] == [None, str(served)]
+    prompt = json.dumps(read_snapshot(snapshot_for(stack, agent_id, 3)).holdout[0].messages)
+    text, _confidence = repo.probe(student_model_name(agent_id), second.model_version, prompt)
+    assert isinstance(text, str)
