@@ -41,9 +41,9 @@ class SelfHosted(_Strict):
     price: the cost of an answer is the machine's time it takes."""
 
     usd_per_hour: float = Field(0.10, ge=0, description="2 vCPUs in a public cloud, on demand")
-    # The demo student (SmolLM2-135M, bf16) through Triton at concurrency 16 on 2 cores, continuous batching
-    # (benchmarks/measured/student_latency-2026-12-07-continuous.json).
-    answers_per_s: float = Field(21.1, gt=0)
+    # The demo's published student (SmolLM2-135M + LoRA + label head, bf16) through Triton at concurrency 16 on
+    # 2 cores (benchmarks/measured/student_latency-2026-12-07-demo4-v1.json).
+    answers_per_s: float = Field(19.3, gt=0)
 
     def cost_per_answer(self) -> float:
         return self.usd_per_hour / 3600 / self.answers_per_s

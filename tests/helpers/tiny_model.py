@@ -142,18 +142,12 @@ def tiny_target(label: str, arguments: dict[str, str]) -> str:
     return json.dumps({"intent": label, "arguments": arguments})
 
 
-def build_trained_tiny_student(path: Path, steps: int = 150, seed: int = 0) -> Path:
-    """A tiny model fully fine-tuned (a few seconds) on ``TINY_TRAINING`` in the trainer's encoding: it writes
-    the answer structure, often the right label, and not always (a realistic mix for decoder tests)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def tiny_encoded(tokenizer, label_index: dict[str, int] | None = None) -> list:
+    """``TINY_TRAINING`` in the trainer's encoding (``data.encode_example``), with the label head's fields when
+    ``label_index`` is given."""
     from services.student_runtime.prompt import render_prompt
     from services.trainer import data as D
 
-    base = build_tiny_model(Path(path), seed=seed, hidden_size=64, layers=2)
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
     encoded = [
         D.encode_example(
             tokenizer,
@@ -161,10 +155,25 @@ def build_trained_tiny_student(path: Path, steps: int = 150, seed: int = 0) -> P
             tiny_target(label, args),
             tokenizer.eos_token_id,
             256,
+            label_index=label_index,
         )
         for text, label, args in TINY_TRAINING
     ]
-    batch = D.collate([e for e in encoded if e is not None], tokenizer.pad_token_id)
+    return [e for e in encoded if e is not None]
+
+
+def build_trained_tiny_student(path: Path, steps: int = 150, seed: int = 0) -> Path:
+    """A tiny model fully fine-tuned (a few seconds) on ``TINY_TRAINING`` in the trainer's encoding: it writes
+    the answer structure, often the right label, and not always (a realistic mix for decoder tests)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.trainer import data as D
+
+    base = build_tiny_model(Path(path), seed=seed, hidden_size=64, layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    batch = D.collate(tiny_encoded(tokenizer), tokenizer.pad_token_id)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()

@@ -11,15 +11,13 @@ import pytest
 from services.core.agents import Distillation
 from services.trainer import data as D
 from services.trainer.train import add_lora, batch_loss, shared_prefix_length
-from tests.helpers.tiny_model import TINY_LABELS, TINY_SYSTEM, TINY_TRAINING, build_tiny_model, tiny_target
+from tests.helpers.tiny_model import TINY_LABELS, TINY_SYSTEM, build_tiny_model, tiny_encoded
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from services.student_runtime.prompt import render_prompt
 
     base = build_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=64)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -32,19 +30,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
-    index = {label: i for i, label in enumerate(TINY_LABELS)}
-    encoded = [
-        D.encode_example(
-            tokenizer,
-            render_prompt(tokenizer, [{"role": "user", "content": text}], TINY_SYSTEM),
-            tiny_target(label, args),
-            tokenizer.eos_token_id,
-            256,
-            label_index=index,
-        )
-        for text, label, args in TINY_TRAINING
-    ]
-    return model, tokenizer, [e for e in encoded if e is not None]
+    return model, tokenizer, tiny_encoded(tokenizer, {label: i for i, label in enumerate(TINY_LABELS)})
 
 
 def grads_of(model, head, loss) -> list:
