@@ -349,8 +349,9 @@ class Demo:
         verdict = await self.train_until_verdict(start, grace)
         if verdict.kind != "promoted":
             self.holdout = dict(verdict.metrics)  # the rejected candidate's figures: how far it was
+            # train_until_verdict retries after more traffic: the figures are the last candidate's.
             self.notes.append(
-                f"the first candidate was rejected (holdout agreement "
+                f"no candidate passed the gate (the last one's holdout agreement "
                 f"{verdict.metrics.get('agreement', float('nan')):.3f}): the student never went live"
             )
             return self.report()
