@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from services.core.model_repository import SPEC_FILE, ModelRepository, student_model_name
 from services.core.settings import REPO_ROOT
+from services.student_runtime.generator import ADAPTER_CONFIG, adapter_dir_of
 from services.student_runtime.label_head import head_path
 
 if TYPE_CHECKING:
@@ -100,14 +101,12 @@ def _merge_weights(spec: dict, source: Path, dest: Path) -> None:
     from services.trainer.base_model import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(str(spec["base_model"]), spec.get("gguf_file"))
-    adapter = spec.get("adapter_path")
-    adapter_dir = None
-    if adapter:
+    adapter_dir = adapter_dir_of(spec, source)
+    if adapter_dir is not None:
         from peft import PeftModel
 
-        adapter_dir = source / adapter if not Path(adapter).is_absolute() else Path(adapter)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise ExportError(f"the version's adapter {adapter_dir} has no adapter_config.json")
+        if not (adapter_dir / ADAPTER_CONFIG).is_file():
+            raise ExportError(f"the version's adapter {adapter_dir} has no {ADAPTER_CONFIG}")
         model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)

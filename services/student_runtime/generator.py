@@ -30,6 +30,7 @@ from services.student_runtime.reference import reference_decode
 from services.student_runtime.weights import apply_weight_format
 
 SPEC_FILE = "spec.json"
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a folder a LoRA adapter
 
 
 def student_threads(spec: dict[str, Any]) -> int | None:
@@ -43,6 +44,16 @@ def student_threads(spec: dict[str, Any]) -> int | None:
 
 def load_spec(version_dir: Path) -> dict[str, Any]:
     return json.loads((Path(version_dir) / SPEC_FILE).read_text())
+
+
+def adapter_dir_of(spec: dict[str, Any], version_dir: Path | None) -> Path | None:
+    """The spec's LoRA adapter folder (``adapter_path``: relative to the version's folder unless absolute);
+    None for a spec without an adapter (a merged model)."""
+    adapter = spec.get("adapter_path")
+    if not adapter:
+        return None
+    path = Path(adapter)
+    return version_dir / path if not path.is_absolute() and version_dir is not None else path
 
 
 @dataclass(frozen=True)
@@ -92,16 +103,13 @@ class StudentGenerator:
         major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
         dtype_kw = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
         model = AutoModelForCausalLM.from_pretrained(base, **{dtype_kw: dtype}, **load_kwargs)
-        adapter = spec.get("adapter_path")
+        adapter_dir = adapter_dir_of(spec, version_dir)
         self.adapter_dir: Path | None = None
-        if adapter:
+        if adapter_dir is not None:
             from peft import PeftModel
 
-            adapter_dir = Path(adapter)
-            if not adapter_dir.is_absolute() and version_dir is not None:
-                adapter_dir = version_dir / adapter_dir
-            if not (adapter_dir / "adapter_config.json").is_file():
-                raise FileNotFoundError(f"LoRA adapter {adapter_dir} has no adapter_config.json")
+            if not (adapter_dir / ADAPTER_CONFIG).is_file():
+                raise FileNotFoundError(f"LoRA adapter {adapter_dir} has no {ADAPTER_CONFIG}")
             # Merged into the base weights: inference then costs exactly what the base model costs.
             model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             self.adapter_dir = adapter_dir

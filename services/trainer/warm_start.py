@@ -16,12 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from services.core.agents import Distillation
+from services.student_runtime.generator import ADAPTER_CONFIG, SPEC_FILE, adapter_dir_of, load_spec
 from services.student_runtime.label_head import head_path
 
 log = logging.getLogger("flywheel.trainer")
-
-SPEC_FILE = "spec.json"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 @dataclass(frozen=True)
@@ -52,21 +50,19 @@ def find_warm_start(version_dir: Path | None, base_path: str, cfg: Distillation)
     fit."""
     if version_dir is None:
         return None
-    spec_file = Path(version_dir) / SPEC_FILE
     try:
-        spec = json.loads(spec_file.read_text())
+        spec = load_spec(version_dir)
     except (OSError, ValueError) as exc:
         log.warning(
             "not warm-started from %s: its %s cannot be read (%s); training from the base", version_dir, SPEC_FILE, exc
         )
         return None
-    adapter = spec.get("adapter_path")
-    if not adapter:
+    adapter_dir = adapter_dir_of(spec, Path(version_dir))
+    if adapter_dir is None:
         log.warning(
             "not warm-started from %s: it is a merged model, not an adapter; training from the base", version_dir
         )
         return None
-    adapter_dir = Path(adapter) if Path(adapter).is_absolute() else Path(version_dir) / adapter
     try:
         adapter_config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
