@@ -163,6 +163,11 @@ class Distillation(_Strict):
     # valid labels, trained with the LoRA (cross-entropy beside the answer's loss), instead of a label written
     # token by token; the model still writes what follows the label (the arguments).
     label_head: bool = False
+    tail_decision: bool = Field(
+        True,
+        description="With label_head: the head also decides whether the answer goes on with its label's usual "
+        "tail (no arguments); such answers then take one forward pass, the model writes only arguments",
+    )
     warm_start: bool = Field(
         False,
         description="A retrain continues from the agent's served version (its LoRA and label head) when that was "

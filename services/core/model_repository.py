@@ -98,6 +98,8 @@ class StudentModelSpec:
     weight_format: str = "fp32"  # fp32 / bf16 / int8 (services/student_runtime/weights.py), chosen by the trainer
     # A label head file beside the adapter (or in the merged model's folder): one decision picks the label.
     label_head: str | None = None
+    # Whether the head's tail decision (where the file has one) ends answers without arguments after one pass.
+    tail_decision: bool = True
     num_threads: int | None = None  # torch threads in the Triton stub; default: every core
     warmup: bool = True  # answer once while loading, so a version that cannot answer fails its load
     # Triton scheduling (config.pbtxt, shared by every version of the model).

@@ -15,7 +15,9 @@ What it does differently from ``reference.reference_decode`` (and why the answer
   usual tail (it has arguments) gets drafts from the **tail corpus**, the common tails of training: what followed
   its last 1-3 tokens there (the arguments' keys, quotes and braces, common values).
 * **A label head** (``label_head.py``), where the version has one, picks the whole label at the step where it
-  starts; its tokens are then forced. The plain decode does the same.
+  starts; its tokens are then forced. With its tail decision, an answer that goes on with its label's usual
+  tail is complete at that step: label, tail and EOS are written without another pass. The plain decode does
+  the same.
 * **Only allowed tokens are scored** at a constrained step: hidden state x those rows of the output layer,
   renormalised over them (what the plain decode's renormalised probability is).
 * **The system prompt's keys/values are computed once** per loaded version (``PrefixCache``) and shared by
@@ -30,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.student_runtime.label_head import LabelHead
+from services.student_runtime.label_head import LabelHead, head_answer
 from services.student_runtime.labels import LabelCursor
 from services.student_runtime.packed import PackedForward, supports
 from services.student_runtime.weights import BF16Matmul
@@ -151,6 +153,10 @@ class FastDecoder:
         """Drafts of what follows each label (label token ids -> tail ids ending in EOS)."""
         self.tails, self.default_tail = dict(tails), list(default)
 
+    def usual_tail(self, label: list[int]) -> list[int]:
+        """The usual tail after this label's tokens (EOS not included)."""
+        return self.tails.get(tuple(label), self.default_tail)
+
     def set_corpus(self, corpus: list[list[int]]) -> None:
         """Index the tail corpus (token ids of the common tails, most common first): for each run of the last
         1-3 tokens, the tokens that followed it first."""
@@ -226,7 +232,7 @@ class FastDecoder:
                 if len(tokens) < len(want) and want[: len(tokens)] == tokens:
                     draft = want[len(tokens) :]
             elif cursor.end is not None:
-                tail = self.tails.get(tuple(cursor.label_tokens), self.default_tail)
+                tail = self.usual_tail(cursor.label_tokens)
                 after = tokens[cursor.end :]
                 if len(after) < len(tail) and tail[: len(after)] == after:
                     draft = tail[len(after) :]
@@ -359,6 +365,18 @@ class FastDecoder:
                 chosen, prob = self.label_head.choose(hidden[col])  # the whole label in one decision
                 cursor.choose(chosen)
                 token = chosen[0]
+                if self.s.tail_decision:
+                    usual, tail_prob = self.label_head.usual_tail(hidden[col])
+                    prob *= tail_prob  # the answer's label and tail decided together
+                    if usual:  # the rest of the answer is known: written, not fed
+                        rest = head_answer(chosen, self.usual_tail(chosen), self.s.end_id, limit - len(cursor.tokens))
+                        for k, tok in enumerate(rest):
+                            cursor.allowed()
+                            cursor.advance(tok)
+                            row.probs.append(prob if k == 0 else 1.0)
+                        cursor.allowed()
+                        row.done = True
+                        break
             elif len(allowed) == 1:
                 token, prob = allowed[0], 1.0
             else:

@@ -56,6 +56,19 @@ def adapter_dir_of(spec: dict[str, Any], version_dir: Path | None) -> Path | Non
     return version_dir / path if not path.is_absolute() and version_dir is not None else path
 
 
+def answer_end_id(model: Any, tokenizer: Any) -> int:
+    """The token that ends an assistant turn, as training appends it: the generation config's EOS when it has one
+    (SmolLM2's <|im_end|>), else the tokenizer's."""
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen, list | tuple) and gen:
+        gen = gen[0]
+    if isinstance(gen, int):
+        return gen
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token: answers would never end")
+    return int(tokenizer.eos_token_id)
+
+
 @dataclass(frozen=True)
 class Answer:
     """One row's answer, or its error (``error`` set, the rest empty)."""
@@ -146,6 +159,12 @@ class StudentGenerator:
             else None
         )
         self.label_head = self._load_label_head(spec, Path(base) if local else None, model)
+        # The head's tail decision ends most answers after one pass; ``tail_decision: false`` in a spec turns it
+        # off (the label is then fed and the model writes the tail, as before the decision existed).
+        self.tail_decision = bool(
+            self.label_head is not None and self.label_head.decides_tail and spec.get("tail_decision", True)
+        )
+        self.end_id = answer_end_id(model, self.tokenizer)
         self.prefix_ids = shared_prefix_ids(self.tokenizer, self.system_prompt)
         self.fast = FastDecoder(self)
         self.fast.cache_prefix(self.prefix_ids)

@@ -262,6 +262,8 @@ class Encoded:
     # the label's index among the version's labels; -1 when the answer has no known label.
     head_pos: int = -1
     head_label: int = -1
+    # The tail decision's example: 1 when the answer goes on with its label's usual tail, 0 when not, -1 unknown.
+    head_usual: int = -1
 
     @property
     def answer_tokens(self) -> int:
@@ -279,6 +281,7 @@ def encode_example(
     prompt_limit: int | None = None,
     prefix_ids: Sequence[int] = (),
     label_index: Mapping[str, int] | None = None,
+    label_tails: Mapping[str, str] | None = None,
 ) -> Encoded | None:
     """Prompt + answer + EOS as ids, labels IGNORE on the prompt. The prompt text is chat-rendered (its
     special tokens are in the text), so it is encoded without adding more.
@@ -286,7 +289,8 @@ def encode_example(
     A prompt over ``prompt_limit`` tokens is cut by the student runtime's ``fit_prompt`` (the shared
     ``prefix_ids`` and its end kept), the rule serving applies to the same prompt; without a limit it is cut to what
     ``max_len`` leaves beside the answer. None when the example does not fit ``max_len``. With ``label_index``
-    (label -> index) the example also says where the label head reads and which label it should choose."""
+    (label -> index) the example also says where the label head reads and which label it should choose; with
+    ``label_tails`` too, whether the answer goes on with its label's usual tail (the tail decision)."""
     from services.student_runtime.prompt import fit_prompt
 
     prompt_ids = list(tokenizer.encode(prompt_text, add_special_tokens=False))
@@ -297,14 +301,16 @@ def encode_example(
     prompt_ids = fit_prompt(prompt_ids, limit, list(prefix_ids))
     if len(prompt_ids) + len(answer_ids) > max_len:
         return None
-    head_pos = head_label = -1
+    head_pos = head_label = head_usual = -1
     pieces = target_segments(target, prefix, suffix)
     if label_index is not None and len(pieces) >= 2 and pieces[0] == prefix:
         label = pieces[1][: len(pieces[1]) - len(suffix)] if suffix else pieces[1]
         if label in label_index:
             head_pos = len(prompt_ids) + len(tokenizer.encode(prefix, add_special_tokens=False)) - 1
             head_label = label_index[label]
-    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, head_pos, head_label)
+            if label_tails is not None and label in label_tails:
+                head_usual = int((pieces[2] if len(pieces) > 2 else "") == label_tails[label])
+    return Encoded(prompt_ids + answer_ids, [IGNORE] * len(prompt_ids) + answer_ids, head_pos, head_label, head_usual)
 
 
 def answer_token_ids(
@@ -373,7 +379,7 @@ def batches(items: Sequence[Encoded], batch_size: int, seed: int, bucket: int = 
 
 def collate(batch: Iterable[Encoded], pad_id: int) -> dict[str, Any]:
     """Right-padded tensors: input_ids, attention_mask, labels (IGNORE on padding); with the label head's
-    examples also head_pos and head_label (-1: none)."""
+    examples also head_pos, head_label and head_usual (-1: none)."""
     import torch
 
     rows = list(batch)
@@ -390,4 +396,5 @@ def collate(batch: Iterable[Encoded], pad_id: int) -> dict[str, Any]:
     if any(e.head_label >= 0 for e in rows):
         out["head_pos"] = torch.tensor([e.head_pos for e in rows], dtype=torch.long)
         out["head_label"] = torch.tensor([e.head_label for e in rows], dtype=torch.long)
+        out["head_usual"] = torch.tensor([e.head_usual for e in rows], dtype=torch.long)
     return out

@@ -19,6 +19,7 @@ from typing import Any
 from services.core.agents import AgentConfig
 from services.core.records import GateVerdict
 from services.student_runtime import StudentGenerator, render_prompt
+from services.student_runtime.generator import answer_end_id
 from services.student_runtime.label_head import HEAD_FILE
 from services.student_runtime.prompt import shared_prefix_ids
 from services.trainer import data as D
@@ -200,19 +201,6 @@ def evaluate_formats(
     return report, {**spec, "weight_format": chosen.weight_format}
 
 
-def eos_for_training(model: Any, tokenizer: Any) -> int:
-    """The token that ends an assistant turn: the generation config's EOS when it has one (SmolLM2's
-    <|im_end|>), else the tokenizer's."""
-    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen, list | tuple) and gen:
-        gen = gen[0]
-    if isinstance(gen, int):
-        return gen
-    if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token: answers would never end")
-    return int(tokenizer.eos_token_id)
-
-
 def run_job(
     agent: AgentConfig,
     snapshot: D.Snapshot,
@@ -231,7 +219,7 @@ def run_job(
     t0 = time.monotonic()
     model, tokenizer = load_model_and_tokenizer(base.path, base.gguf_file)
     log.info("base %s loaded from %s in %.1fs", base.name, base.path, time.monotonic() - t0)
-    eos_id = eos_for_training(model, tokenizer)
+    eos_id = answer_end_id(model, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
 
     train_examples = snapshot.train[: cfg.max_train_examples] if cfg.max_train_examples else snapshot.train
@@ -257,7 +245,7 @@ def run_job(
         text = render_prompt(tokenizer, ex.messages, system_prompt)
         item = D.encode_example(
             tokenizer, text, target, eos_id, cfg.max_seq_len, prompt_limit=limit, prefix_ids=shared,
-            label_index=label_index,
+            label_index=label_index, label_tails=tails if cfg.tail_decision else None,
         )  # fmt: skip
         if item is None:
             skipped += 1

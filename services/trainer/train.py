@@ -110,9 +110,11 @@ def batch_loss(
     head: Any | None = None,
     head_weight: float = 1.0,
     share_prefix: bool = True,
+    tail: Any | None = None,
 ) -> Any:
     """The mean cross-entropy of the answer tokens of a collated batch (as ``model(**tensors).loss``), plus
-    ``head_weight`` × the label head's cross-entropy at ``head_pos`` when ``head`` is given.
+    ``head_weight`` × the label head's cross-entropy at ``head_pos`` when ``head`` is given, plus ``head_weight``
+    × the tail decision's binary cross-entropy (``head_usual``) at the same position when ``tail`` is given.
 
     Two savings, same sums: the output layer (49k rows for SmolLM2) is applied only at the positions that
     predict an answer token, not at every prompt position whose loss is ignored anyway; and with
@@ -154,6 +156,11 @@ def batch_loss(
         loss = loss + head_weight * torch.nn.functional.cross_entropy(
             head(picked), tensors["head_label"], ignore_index=-1
         )
+        known = tensors["head_usual"] >= 0 if tail is not None else None
+        if known is not None and bool(known.any()):
+            loss = loss + head_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                tail(picked[known])[:, 0], tensors["head_usual"][known].float()
+            )
     return loss
 
 
@@ -169,7 +176,7 @@ def train_lora(
     threads_setting: int | None = None,
     n_labels: int = 0,
     init_adapter: Path | None = None,
-    init_head: tuple[Any, Any] | None = None,
+    init_head: tuple[Any, ...] | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` (a plain causal LM; LoRA is added here) on ``encoded`` and save the adapter to
     ``out_dir``. Returns timings and losses; the PEFT model is left in eval mode on ``result``'s caller side
@@ -178,8 +185,10 @@ def train_lora(
     With ``cfg.label_head`` and ``n_labels`` a label head is trained beside the LoRA on the examples' ``head_pos``
     / ``head_label`` and saved beside the adapter (``student_runtime.label_head``).
 
-    ``init_adapter`` (a saved LoRA adapter) and ``init_head`` (weight, bias) continue a previous training instead
-    of starting from a fresh LoRA and a zero head (``warm_start``)."""
+    With ``cfg.tail_decision`` too, the head's tail decision (``head_usual``) is trained and saved with it.
+
+    ``init_adapter`` (a saved LoRA adapter) and ``init_head`` (weight, bias, optionally tail weight and bias)
+    continue a previous training instead of starting from a fresh LoRA and a zero head (``warm_start``)."""
     import torch
 
     seed_everything(cfg.seed)
@@ -192,7 +201,7 @@ def train_lora(
         peft_model = add_lora(model, cfg)
     peft_model.train()
     params = [p for p in peft_model.parameters() if p.requires_grad]
-    head = None
+    head = tail = None
     if cfg.label_head and n_labels:
         # Zero rows: every label starts equally likely; it reads the transformer's last hidden state (the final
         # norm's output, what serving scores).
@@ -204,6 +213,15 @@ def train_lora(
                 head.weight.copy_(init_head[0])
                 head.bias.copy_(init_head[1])
         params += list(head.parameters())
+        if cfg.tail_decision:
+            tail = torch.nn.Linear(head.in_features, 1)
+            torch.nn.init.zeros_(tail.weight)
+            torch.nn.init.zeros_(tail.bias)
+            if init_head is not None and len(init_head) == 4:
+                with torch.no_grad():
+                    tail.weight.copy_(init_head[2].reshape(1, -1))
+                    tail.bias.copy_(init_head[3].reshape(1))
+            params += list(tail.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0)
     steps = total_steps(len(encoded), cfg.batch_size, cfg.epochs)
     if max_steps is not None:
@@ -236,7 +254,7 @@ def train_lora(
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, steps, warmup, cfg.learning_rate)
             tensors = collate(batch, pad_id)
-            loss = batch_loss(peft_model, tensors, head, cfg.label_head_weight)
+            loss = batch_loss(peft_model, tensors, head, cfg.label_head_weight, tail=tail)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -278,7 +296,13 @@ def train_lora(
     out_dir.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(out_dir)
     if head is not None:
-        save_label_head(out_dir / HEAD_FILE, head.weight, head.bias)
+        save_label_head(
+            out_dir / HEAD_FILE,
+            head.weight,
+            head.bias,
+            tail.weight if tail is not None else None,
+            tail.bias if tail is not None else None,
+        )
     return TrainResult(
         adapter_dir=out_dir,
         steps=step,

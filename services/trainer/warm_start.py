@@ -84,9 +84,9 @@ def head_rows(old_labels: Sequence[str], new_labels: Sequence[str]) -> list[int 
     return [index.get(label) for label in new_labels]
 
 
-def initial_head(warm: WarmStart | None, labels: Sequence[str], hidden_size: int) -> tuple[Any, Any]:
+def initial_head(warm: WarmStart | None, labels: Sequence[str], hidden_size: int) -> tuple[Any, ...]:
     """The label head's starting weight and bias: zero, with the rows of labels the served version's head knew
-    copied from it."""
+    copied from it; and its tail decision's weight and bias where the served head has them."""
     import torch
 
     weight, bias = torch.zeros(len(labels), hidden_size), torch.zeros(len(labels))
@@ -102,4 +102,6 @@ def initial_head(warm: WarmStart | None, labels: Sequence[str], hidden_size: int
         if old_row is not None:
             weight[row] = old["weight"][old_row]
             bias[row] = old["bias"][old_row]
+    if "tail_weight" in old and tuple(old["tail_weight"].shape) == (hidden_size,):
+        return weight, bias, old["tail_weight"].clone(), old["tail_bias"].reshape(()).clone()
     return weight, bias

@@ -143,10 +143,12 @@ def tiny_target(label: str, arguments: dict[str, str]) -> str:
 
 
 def tiny_encoded(tokenizer, label_index: dict[str, int] | None = None) -> list:
-    """``TINY_TRAINING`` in the trainer's encoding (``data.encode_example``), with the label head's fields when
-    ``label_index`` is given."""
+    """``TINY_TRAINING`` in the trainer's encoding (``data.encode_example``), with the label head's fields
+    (label and tail decision) when ``label_index`` is given."""
     from services.student_runtime.prompt import render_prompt
     from services.trainer import data as D
+
+    tails, _ = D.label_tails(tiny_target(label, args) for _, label, args in TINY_TRAINING)
 
     encoded = [
         D.encode_example(
@@ -156,6 +158,7 @@ def tiny_encoded(tokenizer, label_index: dict[str, int] | None = None) -> list:
             tokenizer.eos_token_id,
             256,
             label_index=label_index,
+            label_tails=tails if label_index is not None else None,
         )
         for text, label, args in TINY_TRAINING
     ]

@@ -167,7 +167,8 @@ def test_a_student_with_a_label_head_is_trained_published_and_served(
     # The head travels beside the adapter, its rows in the order of the spec's labels.
     assert spec["label_head"] == "label_head.safetensors"
     assert (version / "adapter" / "label_head.safetensors").is_file()
-    assert StudentGenerator(spec, version).label_head is not None
+    served = StudentGenerator(spec, version)
+    assert served.label_head is not None and served.tail_decision
     # Triton loaded it (a version whose head cannot load is not served) and answers.
     prompt = json.dumps(snap.holdout[0].messages)
     text, confidence = repo.probe(student_model_name(agent_id), final.model_version, prompt)

@@ -60,19 +60,26 @@ def test_the_loss_and_gradients_are_the_plain_forwards(tiny, with_head: bool) ->
     model, tokenizer, encoded = tiny
     model.train()
     batch = D.collate(encoded, tokenizer.pad_token_id)
-    head = None
+    head = tail = None
     if with_head:
         torch.manual_seed(1)
         head = torch.nn.Linear(64, len(TINY_LABELS))
-    plain_inputs = {k: v for k, v in batch.items() if k not in ("head_pos", "head_label")}
+        tail = torch.nn.Linear(64, 1)
+        # Both kinds of answer are in the batch: the tail decision learns from each.
+        assert set(batch["head_usual"].tolist()) == {0, 1}
+    plain_inputs = {k: v for k, v in batch.items() if k not in ("head_pos", "head_label", "head_usual")}
     plain = model(**plain_inputs, output_hidden_states=True)
     expected = plain.loss
-    if head is not None:
+    if head is not None and tail is not None:
         hidden = plain.hidden_states[-1][torch.arange(len(encoded)), batch["head_pos"]]
         expected = expected + 0.5 * torch.nn.functional.cross_entropy(head(hidden), batch["head_label"])
-    expected_grads = grads_of(model, head, expected)
+        expected = expected + 0.5 * torch.nn.functional.binary_cross_entropy_with_logits(
+            tail(hidden)[:, 0], batch["head_usual"].float()
+        )
+    heads = torch.nn.ModuleList([head, tail]) if head is not None else None
+    expected_grads = grads_of(model, heads, expected)
     for share in (False, True):
-        loss = batch_loss(model, batch, head, 0.5, share_prefix=share)
+        loss = batch_loss(model, batch, head, 0.5, share_prefix=share, tail=tail)
         assert float(loss.detach()) == pytest.approx(float(expected.detach()), abs=1e-5)
-        for got, want in zip(grads_of(model, head, loss), expected_grads, strict=True):
+        for got, want in zip(grads_of(model, heads, loss), expected_grads, strict=True):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

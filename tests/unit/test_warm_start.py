@@ -80,3 +80,8 @@ def test_the_head_keeps_the_rows_of_known_labels_and_new_ones_start_at_zero(tmp_
     weight, bias = initial_head(warm, ["a"], 3)  # a head that does not fit: zero
     assert weight.abs().sum() == 0 and bias.abs().sum() == 0
     assert initial_head(None, ["a"], 2)[0].shape == (1, 2)
+    # The tail decision (one row over the hidden state, not per label) is carried over whole.
+    save_label_head(tmp_path / "t.st", old_w, old_b, torch.tensor([0.5, -0.5]), torch.tensor(0.25))
+    warm = WarmStart(tmp_path, tmp_path, ["a", "b", "c"], tmp_path / "t.st")
+    _, _, tail_weight, tail_bias = initial_head(warm, ["c", "new", "a"], 2)
+    assert tail_weight.tolist() == [0.5, -0.5] and float(tail_bias) == 0.25
