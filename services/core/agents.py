@@ -159,6 +159,12 @@ class Distillation(_Strict):
     # activation scales) lost 3 points (services/student_runtime/weights.py).
     weight_formats: list[Literal["int8", "bf16"]] = Field(default_factory=lambda: ["int8", "bf16"])
     weight_format_tolerance: float = Field(0.005, ge=0, le=1)
+    weight_format_min_speedup: float = Field(
+        1.1,
+        gt=0,
+        description="A lighter format is evaluated (and may be served) only if it answered a probe of the holdout "
+        "at least this many times as fast as fp32 on the trainer's machine",
+    )
     # A classification head on the hidden state where the label starts: the label is one decision over the
     # valid labels, trained with the LoRA (cross-entropy beside the answer's loss), instead of a label written
     # token by token; the model still writes what follows the label (the arguments).

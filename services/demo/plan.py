@@ -92,10 +92,13 @@ def make_plan(
             concurrency=64,
             seed=7,
         ),
+        # 1,000 requests: the canary ramp after a promotion (by default 10 % then 50 % of 50 requests each) keeps
+        # 70 of the first 100 with the teacher; over 600 requests that alone capped the student's share at
+        # 88 %, over 1,000 at 93 %: the phase shows the steady state, as hours of production traffic would.
         Phase(
             "live",
             "live: the student serves, the teacher checks a shadow share",
-            n(600),
+            n(1000),
             "test",
             concurrency=student_concurrency,
             seed=11,

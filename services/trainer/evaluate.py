@@ -114,6 +114,7 @@ class HoldoutReport:
     judged: list[Judged] = field(default_factory=list)
     latencies_ms: list[float] = field(default_factory=list)  # per answer (batch time / batch size)
     format_agreements: dict[str, float] = field(default_factory=dict)  # agreement of each weight format tried
+    format_speeds: dict[str, float] = field(default_factory=dict)  # answers/s of each format's probe batch
 
     @property
     def size(self) -> int:

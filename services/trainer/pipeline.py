@@ -26,7 +26,7 @@ from services.trainer import data as D
 from services.trainer.base_model import ResolvedBase, load_model_and_tokenizer, prepare_base
 from services.trainer.calibrate import Calibration, calibrate_threshold, routing_calibration
 from services.trainer.evaluate import HoldoutReport, answer_intent, evaluate_holdout, percentile
-from services.trainer.gate import FormatTrial, GateInputs, choose_format, decide
+from services.trainer.gate import FormatTrial, GateInputs, choose_format, decide, worth_trying
 from services.trainer.train import TrainResult, merge_adapter, train_lora
 from services.trainer.warm_start import find_warm_start, initial_head
 
@@ -97,6 +97,8 @@ class JobResult:
             out["task_accuracy"] = self.report.task_accuracy
         for fmt, agreement in self.report.format_agreements.items():  # what each weight format tried agreed on
             out[f"agreement_{fmt}"] = agreement
+        for fmt, speed in self.report.format_speeds.items():  # each format's probe on the trainer's machine
+            out[f"probe_answers_per_s_{fmt}"] = speed
         return {k: float(v) for k, v in out.items() if v == v}  # drop NaN
 
     def report_json(self) -> dict[str, Any]:
@@ -168,36 +170,62 @@ def student_spec(
     }
 
 
+def probe_speed(generate: Callable[[list[str]], Any], prompts: Sequence[str], size: int) -> float:
+    """Answers per second over the first ``size`` prompts in one batch, after one warm-up answer."""
+    sample = list(prompts[:size])
+    if not sample:
+        return 0.0
+    generate(sample[:1])
+    started = time.perf_counter()
+    generate(sample)
+    return len(sample) / max(1e-9, time.perf_counter() - started)
+
+
 def evaluate_formats(
     agent: AgentConfig, spec: dict[str, Any], holdout: Sequence[D.Example], prompts: list[str], options: JobOptions
 ) -> tuple[HoldoutReport, dict[str, Any]]:
-    """Evaluate the candidate in fp32, then in each lighter weight format the agent allows, and keep the first
-    that keeps the answers (``gate.choose_format``): (the served format's holdout report, the spec serving it).
-    The gate then judges exactly what is served."""
+    """Evaluate the candidate in fp32, then in each lighter weight format the agent allows that is faster on this
+    machine (a probe of one batch: ``gate.worth_trying``), fastest first, and keep the first that keeps the
+    answers (``gate.choose_format``): (the served format's holdout report, the spec serving it). The gate then
+    judges exactly what is served."""
     cfg = agent.distillation
     reports: dict[str, HoldoutReport] = {}
+    speeds: dict[str, float] = {}
     for fmt in ["fp32", *cfg.weight_formats]:
         t0 = time.monotonic()
         generator = StudentGenerator({**spec, "weight_format": fmt})
-        reports[fmt] = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
+        speeds[fmt] = probe_speed(generator.generate, prompts, options.eval_batch_size)
+        if fmt == "fp32" or fmt in worth_trying(speeds, [fmt], cfg.weight_format_min_speedup):
+            reports[fmt] = evaluate_holdout(generator.generate, holdout, prompts, agent.output, options.eval_batch_size)
+            log.info(
+                "holdout (%s): %d answers in %.1fs (probe %.1f answers/s), agreement %.4f, format %.4f",
+                fmt,
+                reports[fmt].size,
+                time.monotonic() - t0,
+                speeds[fmt],
+                reports[fmt].agreement,
+                reports[fmt].format_compliance,
+            )
+        else:
+            log.info(
+                "%s not evaluated: %.1f answers/s against fp32's %.1f on this machine (needs %.2fx)",
+                fmt,
+                speeds[fmt],
+                speeds["fp32"],
+                cfg.weight_format_min_speedup,
+            )
         del generator
-        log.info(
-            "holdout (%s): %d answers in %.1fs, agreement %.4f, format %.4f",
-            fmt,
-            reports[fmt].size,
-            time.monotonic() - t0,
-            reports[fmt].agreement,
-            reports[fmt].format_compliance,
-        )
     trials = {fmt: FormatTrial(fmt, r.agreement, r.format_compliance) for fmt, r in reports.items()}
-    chosen = choose_format(trials["fp32"], [trials[f] for f in cfg.weight_formats], cfg.weight_format_tolerance)
+    order = worth_trying(speeds, list(reports), cfg.weight_format_min_speedup)
+    chosen = choose_format(trials["fp32"], [trials[f] for f in order], cfg.weight_format_tolerance)
     log.info(
         "weight format %s is served (%s)",
         chosen.weight_format,
-        ", ".join(f"{t.weight_format} {t.agreement:.4f}" for t in trials.values()),
+        ", ".join(f"{t.weight_format} {t.agreement:.4f} at {speeds[t.weight_format]:.1f}/s" for t in trials.values()),
     )
     report = reports[chosen.weight_format]
     report.format_agreements = {fmt: r.agreement for fmt, r in reports.items()}
+    report.format_speeds = dict(speeds)
     return report, {**spec, "weight_format": chosen.weight_format}
 
 

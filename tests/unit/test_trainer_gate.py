@@ -139,3 +139,15 @@ def test_a_lighter_weight_format_is_served_only_when_it_keeps_the_answers() -> N
     assert choose_format(fp32, [int8], 0.005) is fp32
     assert choose_format(fp32, [FormatTrial("bf16", 0.81, 0.99)], 0.005) is fp32  # format compliance lost
     assert choose_format(fp32, [], 0.005) is fp32
+
+
+def test_only_formats_faster_than_fp32_on_this_machine_are_tried_fastest_first() -> None:
+    from services.trainer.gate import worth_trying
+
+    # A machine with AVX512-BF16 and VNNI: both lighter formats pay, the faster first.
+    assert worth_trying({"fp32": 10.0, "int8": 14.0, "bf16": 21.0}, ["int8", "bf16"], 1.1) == ["bf16", "int8"]
+    # An AVX2 machine emulates both: neither is tried (int8 kept the answers and was 12x slower here).
+    assert worth_trying({"fp32": 10.0, "int8": 0.8, "bf16": 2.5}, ["int8", "bf16"], 1.1) == []
+    assert worth_trying({"fp32": 10.0, "bf16": 10.5}, ["bf16"], 1.1) == []  # within noise: not worth the risk
+    assert worth_trying({"fp32": 10.0, "bf16": 12.0}, ["int8", "bf16"], 1.1) == ["bf16"]  # int8 not probed
+    assert worth_trying({}, ["bf16"], 1.1) == []
