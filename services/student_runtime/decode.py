@@ -362,21 +362,19 @@ class FastDecoder:
             if allowed is None:
                 token, prob = free.get((b, col)) or self._free(hidden[col].unsqueeze(0))[0]
             elif self.label_head is not None and isinstance(cursor, LabelCursor) and cursor.at_label_start:
-                chosen, prob = self.label_head.choose(hidden[col])  # the whole label in one decision
+                # The whole label in one decision (and, with the tail decision, whether its usual tail follows).
+                chosen, prob, usual = self.label_head.decide(hidden[col], self.s.tail_decision)
                 cursor.choose(chosen)
                 token = chosen[0]
-                if self.s.tail_decision:
-                    usual, tail_prob = self.label_head.usual_tail(hidden[col])
-                    prob *= tail_prob  # the answer's label and tail decided together
-                    if usual:  # the rest of the answer is known: written, not fed
-                        rest = head_answer(chosen, self.usual_tail(chosen), self.s.end_id, limit - len(cursor.tokens))
-                        for k, tok in enumerate(rest):
-                            cursor.allowed()
-                            cursor.advance(tok)
-                            row.probs.append(prob if k == 0 else 1.0)
+                if usual:  # the rest of the answer is known: written, not fed
+                    rest = head_answer(chosen, self.usual_tail(chosen), self.s.end_id, limit - len(cursor.tokens))
+                    for k, tok in enumerate(rest):
                         cursor.allowed()
-                        row.done = True
-                        break
+                        cursor.advance(tok)
+                        row.probs.append(prob if k == 0 else 1.0)
+                    cursor.allowed()
+                    row.done = True
+                    break
             elif len(allowed) == 1:
                 token, prob = allowed[0], 1.0
             else:

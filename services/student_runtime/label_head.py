@@ -88,10 +88,20 @@ class LabelHead:
         best = int(scores.argmax())
         return self.sequences[best], float(torch.exp(scores[best] - torch.logsumexp(scores, dim=0)))
 
-    def usual_tail(self, hidden: Any) -> tuple[bool, float]:
+    def tail_is_usual(self, hidden: Any) -> tuple[bool, float]:
         """(the answer goes on with its label's usual tail, the probability of that decision)."""
         import torch
 
         assert self.tail_weight is not None and self.tail_bias is not None
         p = float(torch.sigmoid(hidden.float() @ self.tail_weight + self.tail_bias.reshape(())))
         return (True, p) if p >= 0.5 else (False, 1.0 - p)
+
+    def decide(self, hidden: Any, tail_decision: bool) -> tuple[list[int], float, bool]:
+        """The one decision both decoders take where the label starts: (the label's token ids, its probability
+        times the tail decision's, whether the answer ends with the label's usual tail). Without the tail
+        decision the tail is never taken as usual and the probability is the label's."""
+        label, prob = self.choose(hidden)
+        if not tail_decision:
+            return label, prob, False
+        usual, tail_prob = self.tail_is_usual(hidden)
+        return label, prob * tail_prob, usual

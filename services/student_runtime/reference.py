@@ -94,23 +94,19 @@ def reference_decode(
                 allowed = constraint.allowed(states[row], tokens[row]) if constraint else None
                 state = states[row]
                 if allowed and head is not None and state["chosen"] is None and state["start"] == len(tokens[row]):
-                    state["chosen"], prob = head.choose(hidden[row])
-                    tok = state["chosen"][0]
-                    if student.tail_decision:
-                        usual, tail_prob = head.usual_tail(hidden[row])
-                        prob *= tail_prob
-                        if usual:  # the answer ends with its label's usual tail: complete now
-                            label = state["chosen"]
-                            rest = head_answer(
-                                label, student.fast.usual_tail(label), student.end_id, limit - len(tokens[row])
-                            )
-                            tokens[row].extend(rest)
-                            probs[row].extend([prob] + [1.0] * (len(rest) - 1))
-                            if len(rest) >= len(label):
-                                state["end"] = state["start"] + len(label)
-                            done[row] = True
-                            chosen[row] = student.pad_id
-                            continue
+                    label, prob, usual = head.decide(hidden[row], student.tail_decision)
+                    state["chosen"], tok = label, label[0]
+                    if usual:  # the answer ends with its label's usual tail: complete now
+                        rest = head_answer(
+                            label, student.fast.usual_tail(label), student.end_id, limit - len(tokens[row])
+                        )
+                        tokens[row].extend(rest)
+                        probs[row].extend([prob] + [1.0] * (len(rest) - 1))
+                        if len(rest) >= len(label):
+                            state["end"] = state["start"] + len(label)
+                        done[row] = True
+                        chosen[row] = student.pad_id
+                        continue
                 elif allowed:
                     allowed_t = torch.tensor(allowed, dtype=torch.long)
                     sub = logprobs[row, allowed_t]

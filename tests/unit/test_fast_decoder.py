@@ -55,6 +55,15 @@ def parsed_or_empty(text: str) -> dict:
         return {}
 
 
+def random_head(student: StudentGenerator, seed: int):
+    """(hidden size, weight, bias) of a random label head over the tiny student's labels (seeded)."""
+    import torch
+
+    hidden = student.model.get_output_embeddings().weight.shape[1]
+    torch.manual_seed(seed)
+    return hidden, torch.randn(len(TINY_LABELS), hidden), torch.randn(len(TINY_LABELS))
+
+
 def assert_same(fast, plain) -> None:
     assert len(fast) == len(plain)
     for a, b in zip(fast, plain, strict=True):
@@ -233,9 +242,7 @@ def test_a_label_head_decides_the_label_in_one_step_and_both_decoders_follow_it(
 
     from services.student_runtime.label_head import HEAD_FILE, save_label_head
 
-    hidden = student.model.get_output_embeddings().weight.shape[1]
-    torch.manual_seed(3)
-    weight, bias = torch.randn(len(TINY_LABELS), hidden), torch.randn(len(TINY_LABELS))
+    _, weight, bias = random_head(student, seed=3)
     save_label_head(tmp_path / HEAD_FILE, weight, bias)
     headed = StudentGenerator({**student.spec, "label_head": str(tmp_path / HEAD_FILE)})
     prompts = [chat(text) for text, _, _ in TINY_TRAINING] + [chat(text) for text in UNSEEN]
@@ -268,9 +275,7 @@ def test_a_tail_decision_ends_usual_answers_in_one_pass_and_both_decoders_follow
 
     from services.student_runtime.label_head import HEAD_FILE, save_label_head
 
-    hidden = student.model.get_output_embeddings().weight.shape[1]
-    torch.manual_seed(5)
-    weight, bias = torch.randn(len(TINY_LABELS), hidden), torch.randn(len(TINY_LABELS))
+    hidden, weight, bias = random_head(student, seed=5)
     prompts = [chat(text) for text, _, _ in TINY_TRAINING] + [chat(text) for text in UNSEEN]
     # A tail decision that goes both ways over these prompts: its bias at the median of its scores.
     tail_weight = torch.randn(hidden)
